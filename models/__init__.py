@@ -1,0 +1,1 @@
+"""IM-Fuse and the models it is compared with."""

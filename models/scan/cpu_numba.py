@@ -1,0 +1,290 @@
+"""Selective scan on the CPU: forward and backward kernels compiled with numba.
+
+The state recurrence runs sequentially over time, in parallel over (batch, channel).
+Decays exp(delta * A) are computed a chunk of time steps at a time with a vectorisable
+exponential. The forward pass keeps the state at every chunk start; the backward pass
+recomputes one chunk of states from there and runs the adjoint recurrence backwards,
+so its memory does not grow with the state size times the length.
+Arithmetic is float64 inside the kernels whatever the input dtype.
+"""
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+# Reassociation lets LLVM vectorise the reductions over the state; no "nnan"/"ninf",
+# so NaN and infinite inputs propagate as in plain arithmetic.
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.6931471803691238  # ln 2 split in two parts (Cody-Waite range reduction)
+_LN2_LO = 1.9082149292705877e-10
+_SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above it, as in torch and mamba-ssm
+
+
+@njit(fastmath=_FASTMATH, inline="always", cache=True)
+def _exp_block(x, out, bits, m):
+    """out[:m] = exp(x[:m]), relative error below 1e-14; a loop LLVM can vectorise."""
+    for j in range(m):
+        v = x[j]
+        if v < -708.0:
+            v = -708.0
+        elif v > 709.0:
+            v = 709.0
+        k = math.floor(v * _LOG2E + 0.5)
+        f = (v - k * _LN2_HI) - k * _LN2_LO  # |f| <= ln(2) / 2
+        p = 1.0 + f * (1.0 + f * (1 / 2 + f * (1 / 6 + f * (1 / 24 + f * (1 / 120 + f * (
+            1 / 720 + f * (1 / 5040 + f * (1 / 40320 + f * (1 / 362880 + f * (
+                1 / 3628800 + f * (1 / 39916800)))))))))))
+        bits[j] = (np.int64(k) + 1023) << 52  # the float64 2**k
+        out[j] = p
+    scale = bits.view(np.float64)
+    for j in range(m):
+        out[j] *= scale[j]
+
+
+@njit(fastmath=_FASTMATH, inline="always", cache=True)
+def _log1p_unit(e):
+    """log(1 + e) for e in [0, 1]: 2 atanh(e / (2 + e)) by its series, no library call."""
+    s = e / (2.0 + e)  # s <= 1/3, so 16 terms reach float64 precision
+    s2 = s * s
+    p = 1 / 33
+    for k in range(15, -1, -1):
+        p = 1.0 / (2 * k + 1) + s2 * p
+    return 2.0 * s * p
+
+
+@njit(fastmath=_FASTMATH, inline="always", cache=True)
+def _sigmoid_block(x, neg_abs, e, sig, bits, m):
+    """sig[:m] = sigmoid(x[:m]); leaves e[:m] = exp(-|x|)."""
+    for j in range(m):
+        neg_abs[j] = -abs(x[j])
+    _exp_block(neg_abs, e, bits, m)
+    for j in range(m):
+        sig[j] = (1.0 if x[j] >= 0 else e[j]) / (1.0 + e[j])
+
+
+@njit(fastmath=_FASTMATH, inline="always", cache=True)
+def _load_chunk(delta, z, A, bias, has_z, softplus, b, d, t0, m, raw, tmp, e,
+                dts, ddts, gate, dgate, arg, decay, bits):
+    """Per-step quantities of channel d over t0 .. t0 + m - 1, in vectorisable loops:
+    dts = step size, ddts = its derivative wrt delta, gate = silu(z), dgate = silu'(z),
+    decay[i * N + n] = exp(dts[i] * A[d, n])."""
+    N = A.shape[1]
+    for i in range(m):
+        raw[i] = delta[b, d, t0 + i] + bias[d]
+    if softplus:
+        _sigmoid_block(raw, tmp, e, ddts, bits, m)
+        for i in range(m):
+            if raw[i] > _SOFTPLUS_THRESHOLD:
+                dts[i] = raw[i]
+                ddts[i] = 1.0
+            else:
+                dts[i] = max(raw[i], 0.0) + _log1p_unit(e[i])
+    else:
+        for i in range(m):
+            dts[i] = raw[i]
+            ddts[i] = 1.0
+    if has_z:
+        for i in range(m):
+            raw[i] = z[b, d, t0 + i]
+        _sigmoid_block(raw, tmp, e, dgate, bits, m)
+        for i in range(m):
+            s = dgate[i]
+            gate[i] = raw[i] * s
+            dgate[i] = s * (1.0 + raw[i] * (1.0 - s))
+    for i in range(m):
+        for n in range(N):
+            arg[i * N + n] = dts[i] * A[d, n]
+    _exp_block(arg, decay, bits, m * N)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _forward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, chunk, groups, out, ckpt):
+    """u, delta, z: (b, d, l); A: (d, n); Bt, Ct: (b, l, n); D, bias: (d,).
+
+    Writes out (b, d, l) and ckpt (b, d, ceil(l / chunk), n), the state before each chunk.
+    Channels are split in `groups` (one per thread); each thread walks time chunk by
+    chunk over all its channels, so B and C of a chunk stay in cache.
+    """
+    nb, nd, L = u.shape
+    N = A.shape[1]
+    for g in prange(groups):
+        lo = g * nd // groups
+        hi = (g + 1) * nd // groups
+        h = np.empty((hi - lo, N))
+        raw, tmp, e = np.empty(chunk), np.empty(chunk), np.empty(chunk)
+        dts, ddts, gate, dgate = np.empty(chunk), np.empty(chunk), np.empty(chunk), np.empty(chunk)
+        arg, decay = np.empty(chunk * N), np.empty(chunk * N)
+        bits = np.empty(chunk * N, np.int64)
+        for b in range(nb):
+            h[:] = 0.0
+            for c in range(ckpt.shape[2]):
+                t0 = c * chunk
+                m = min(chunk, L - t0)
+                for d in range(lo, hi):
+                    hd = h[d - lo]
+                    for n in range(N):
+                        ckpt[b, d, c, n] = hd[n]
+                    _load_chunk(delta, z, A, bias, has_z, softplus, b, d, t0, m, raw, tmp, e,
+                                dts, ddts, gate, dgate, arg, decay, bits)
+                    for i in range(m):
+                        t = t0 + i
+                        x = dts[i] * u[b, d, t]
+                        B_row = Bt[b, t]
+                        C_row = Ct[b, t]
+                        a_row = decay[i * N:(i + 1) * N]
+                        y = 0.0
+                        for n in range(N):
+                            hd[n] = a_row[n] * hd[n] + x * B_row[n]
+                            y += hd[n] * C_row[n]
+                        y += D[d] * u[b, d, t]
+                        if has_z:
+                            y *= gate[i]
+                        out[b, d, t] = y
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _backward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, chunk, ckpt, dout,
+              du, ddelta, dz, dA, dD, dbias, dBt_part, dCt_part):
+    """Gradients of _forward's output, with the channel groups of _forward, one group
+    per dBt_part.shape[0]; dBt_part, dCt_part (groups, b, l, n) hold each group's share
+    of the sums over channels. dA, dD, dbias are float64 (sums over batch and time).
+    """
+    nb, nd, L = u.shape
+    N = A.shape[1]
+    groups = dBt_part.shape[0]
+    for g in prange(groups):
+        lo = g * nd // groups
+        hi = (g + 1) * nd // groups
+        raw, tmp, e = np.empty(chunk), np.empty(chunk), np.empty(chunk)
+        dts, ddts, gate, dgate = np.empty(chunk), np.empty(chunk), np.empty(chunk), np.empty(chunk)
+        arg, decay = np.empty(chunk * N), np.empty(chunk * N)
+        bits = np.empty(chunk * N, np.int64)
+        hs = np.empty((chunk + 1) * N)  # hs[(i + 1) * N + n] = h at t0 + i; row 0: chunk start
+        dh = np.empty((hi - lo, N))  # gradient reaching each state from later time steps
+        dA_acc = np.zeros((hi - lo, N))
+        dD_acc = np.zeros(hi - lo)
+        dbias_acc = np.zeros(hi - lo)
+        for b in range(nb):
+            dh[:] = 0.0
+            for c in range(ckpt.shape[2] - 1, -1, -1):
+                t0 = c * chunk
+                m = min(chunk, L - t0)
+                for d in range(lo, hi):
+                    k = d - lo
+                    dhd = dh[k]
+                    dAd = dA_acc[k]
+                    _load_chunk(delta, z, A, bias, has_z, softplus, b, d, t0, m, raw, tmp, e,
+                                dts, ddts, gate, dgate, arg, decay, bits)
+                    for n in range(N):
+                        hs[n] = ckpt[b, d, c, n]
+                    for i in range(m):
+                        x = dts[i] * u[b, d, t0 + i]
+                        B_row = Bt[b, t0 + i]
+                        a_row = decay[i * N:(i + 1) * N]
+                        h_prev = hs[i * N:(i + 1) * N]
+                        h_now = hs[(i + 1) * N:(i + 2) * N]
+                        for n in range(N):
+                            h_now[n] = a_row[n] * h_prev[n] + x * B_row[n]
+                    for i in range(m - 1, -1, -1):
+                        t = t0 + i
+                        uu = u[b, d, t]
+                        dt = dts[i]
+                        dy = dout[b, d, t]
+                        C_row = Ct[b, t]
+                        h_now = hs[(i + 1) * N:(i + 2) * N]
+                        if has_z:
+                            y = D[d] * uu
+                            for n in range(N):
+                                y += h_now[n] * C_row[n]
+                            dz[b, d, t] = dy * y * dgate[i]
+                            dy = dy * gate[i]
+                        dD_acc[k] += dy * uu
+                        dtu = dt * uu
+                        wa = 0.0  # sum_n dL/d(decay) * decay * A
+                        hb = 0.0  # sum_n dL/dh * B
+                        dC_row = dCt_part[g, b, t]
+                        dB_row = dBt_part[g, b, t]
+                        B_row = Bt[b, t]
+                        A_row = A[d]
+                        h_prev = hs[i * N:(i + 1) * N]
+                        a_row = decay[i * N:(i + 1) * N]
+                        for n in range(N):
+                            a = a_row[n]
+                            dC_row[n] += dy * h_now[n]
+                            dhn = dhd[n] + dy * C_row[n]
+                            w = dhn * h_prev[n] * a
+                            dAd[n] += w * dt
+                            wa += w * A_row[n]
+                            hb += dhn * B_row[n]
+                            dB_row[n] += dhn * dtu
+                            dhd[n] = dhn * a
+                        ddt = wa + hb * uu
+                        du[b, d, t] = dy * D[d] + hb * dt
+                        ddt *= ddts[i]
+                        ddelta[b, d, t] = ddt
+                        dbias_acc[k] += ddt
+        for d in range(lo, hi):
+            for n in range(N):
+                dA[d, n] = dA_acc[d - lo, n]
+            dD[d] = dD_acc[d - lo]
+            dbias[d] = dbias_acc[d - lo]
+
+
+def _groups(nd):
+    return max(1, min(numba.get_num_threads(), nd))
+
+
+class _NumbaScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size):
+        nb, nd, L = u.shape
+        zeros_d = torch.zeros(nd, dtype=u.dtype)
+        Dv = zeros_d if D is None else D
+        bias = zeros_d if delta_bias is None else delta_bias
+        zv = u.new_zeros(1, 1, 1) if z is None else z
+        u, delta, A, Dv, zv, bias = (t.detach().contiguous() for t in (u, delta, A, Dv, zv, bias))
+        Bt = B.detach().transpose(1, 2).contiguous()  # (b, l, n)
+        Ct = C.detach().transpose(1, 2).contiguous()
+        out = torch.empty_like(u)
+        ckpt = u.new_empty(nb, nd, -(-L // chunk_size), A.shape[1], dtype=torch.float64)
+        _forward(u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), Dv.numpy(),
+                 zv.numpy(), bias.numpy(), z is not None, bool(delta_softplus), chunk_size,
+                 _groups(nd), out.numpy(), ckpt.numpy())
+        ctx.save_for_backward(u, delta, A, Bt, Ct, Dv, zv, bias, ckpt)
+        ctx.flags = (D is not None, z is not None, delta_bias is not None,
+                     bool(delta_softplus), chunk_size)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, Bt, Ct, Dv, zv, bias, ckpt = ctx.saved_tensors
+        has_D, has_z, has_bias, softplus, chunk_size = ctx.flags
+        nb, nd, L = u.shape
+        N = A.shape[1]
+        groups = _groups(nd)
+        du = torch.empty_like(u)
+        ddelta = torch.empty_like(du)
+        dz = torch.zeros_like(zv)
+        f64 = dict(dtype=torch.float64)
+        dA, dD, dbias = torch.empty(nd, N, **f64), torch.empty(nd, **f64), torch.empty(nd, **f64)
+        dBt = u.new_zeros(groups, nb, L, N)
+        dCt = u.new_zeros(groups, nb, L, N)
+        _backward(*(t.numpy() for t in (u, delta, A, Bt, Ct, Dv, zv, bias)), has_z, softplus,
+                  chunk_size, ckpt.numpy(), dout.to(u.dtype).contiguous().numpy(),
+                  du.numpy(), ddelta.numpy(), dz.numpy(), dA.numpy(), dD.numpy(), dbias.numpy(),
+                  dBt.numpy(), dCt.numpy())
+        dtype = u.dtype
+        dB = dBt.sum(0).transpose(1, 2).to(dtype)
+        dC = dCt.sum(0).transpose(1, 2).to(dtype)
+        return (du, ddelta, dA.to(dtype), dB, dC,
+                dD.to(dtype) if has_D else None, dz if has_z else None,
+                dbias.to(dtype) if has_bias else None, None, None)
+
+
+def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False, chunk_size=64):
+    """Selective scan of CPU tensors of one dtype (float32 or float64); see models.scan."""
+    return _NumbaScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
