@@ -24,21 +24,26 @@ _SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above it, as in torch and mamba-ss
 
 
 @njit(fastmath=_FASTMATH, inline="always", cache=True)
-def _exp_block(x, out, bits, m):
-    """out[:m] = exp(x[:m]), relative error below 1e-14; a loop LLVM can vectorise."""
-    for j in range(m):
-        v = x[j]
-        if v < -708.0:
-            v = -708.0
-        elif v > 709.0:
-            v = 709.0
-        k = math.floor(v * _LOG2E + 0.5)
-        f = (v - k * _LN2_HI) - k * _LN2_LO  # |f| <= ln(2) / 2
-        p = 1.0 + f * (1.0 + f * (1 / 2 + f * (1 / 6 + f * (1 / 24 + f * (1 / 120 + f * (
-            1 / 720 + f * (1 / 5040 + f * (1 / 40320 + f * (1 / 362880 + f * (
-                1 / 3628800 + f * (1 / 39916800)))))))))))
-        bits[j] = (np.int64(k) + 1023) << 52  # the float64 2**k
-        out[j] = p
+def _exp_block(x, out, bits, m, precise):
+    """out[:m] = exp(x[:m]) in loops LLVM can vectorise. Relative error below 1e-14 when
+    `precise`, else below 1e-9 (ample for float32 results)."""
+    if precise:
+        for j in range(m):
+            v = min(max(x[j], -708.0), 709.0)
+            k = np.floor(v * _LOG2E + 0.5)  # a float: math.floor's int stops vectorisation
+            f = (v - k * _LN2_HI) - k * _LN2_LO  # |f| <= ln(2) / 2
+            bits[j] = (np.int64(k) + 1023) << 52  # the float64 2**k
+            out[j] = 1.0 + f * (1.0 + f * (1 / 2 + f * (1 / 6 + f * (1 / 24 + f * (1 / 120 + f * (
+                1 / 720 + f * (1 / 5040 + f * (1 / 40320 + f * (1 / 362880 + f * (
+                    1 / 3628800 + f * (1 / 39916800)))))))))))  # Taylor series to degree 11
+    else:
+        for j in range(m):
+            v = min(max(x[j], -708.0), 709.0)
+            k = np.floor(v * _LOG2E + 0.5)
+            f = (v - k * _LN2_HI) - k * _LN2_LO
+            bits[j] = (np.int64(k) + 1023) << 52
+            out[j] = 1.0 + f * (1.0 + f * (1 / 2 + f * (1 / 6 + f * (1 / 24 + f * (1 / 120 + f * (
+                1 / 720 + f * (1 / 5040 + f * (1 / 40320))))))))  # to degree 8
     scale = bits.view(np.float64)
     for j in range(m):
         out[j] *= scale[j]
@@ -46,27 +51,29 @@ def _exp_block(x, out, bits, m):
 
 @njit(fastmath=_FASTMATH, inline="always", cache=True)
 def _log1p_unit(e):
-    """log(1 + e) for e in [0, 1]: 2 atanh(e / (2 + e)) by its series, no library call."""
-    s = e / (2.0 + e)  # s <= 1/3, so 16 terms reach float64 precision
+    """log(1 + e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) <= 1/3, by its series
+    (terms to s**33 reach float64 precision)."""
+    s = e / (2.0 + e)
     s2 = s * s
-    p = 1 / 33
-    for k in range(15, -1, -1):
-        p = 1.0 / (2 * k + 1) + s2 * p
+    p = (1 / 21 + s2 * (1 / 23 + s2 * (1 / 25 + s2 * (1 / 27 + s2 * (1 / 29 + s2 * (
+        1 / 31 + s2 * (1 / 33)))))))
+    p = (1.0 + s2 * (1 / 3 + s2 * (1 / 5 + s2 * (1 / 7 + s2 * (1 / 9 + s2 * (1 / 11 + s2 * (
+        1 / 13 + s2 * (1 / 15 + s2 * (1 / 17 + s2 * (1 / 19 + s2 * p))))))))))
     return 2.0 * s * p
 
 
 @njit(fastmath=_FASTMATH, inline="always", cache=True)
-def _sigmoid_block(x, neg_abs, e, sig, bits, m):
+def _sigmoid_block(x, neg_abs, e, sig, bits, m, precise):
     """sig[:m] = sigmoid(x[:m]); leaves e[:m] = exp(-|x|)."""
     for j in range(m):
         neg_abs[j] = -abs(x[j])
-    _exp_block(neg_abs, e, bits, m)
+    _exp_block(neg_abs, e, bits, m, precise)
     for j in range(m):
         sig[j] = (1.0 if x[j] >= 0 else e[j]) / (1.0 + e[j])
 
 
 @njit(fastmath=_FASTMATH, inline="always", cache=True)
-def _load_chunk(delta, z, A, bias, has_z, softplus, b, d, t0, m, raw, tmp, e,
+def _load_chunk(delta, z, A, bias, has_z, softplus, precise, b, d, t0, m, raw, tmp, e,
                 dts, ddts, gate, dgate, arg, decay, bits):
     """Per-step quantities of channel d over t0 .. t0 + m - 1, in vectorisable loops:
     dts = step size, ddts = its derivative wrt delta, gate = silu(z), dgate = silu'(z),
@@ -75,7 +82,7 @@ def _load_chunk(delta, z, A, bias, has_z, softplus, b, d, t0, m, raw, tmp, e,
     for i in range(m):
         raw[i] = delta[b, d, t0 + i] + bias[d]
     if softplus:
-        _sigmoid_block(raw, tmp, e, ddts, bits, m)
+        _sigmoid_block(raw, tmp, e, ddts, bits, m, precise)
         for i in range(m):
             if raw[i] > _SOFTPLUS_THRESHOLD:
                 dts[i] = raw[i]
@@ -89,7 +96,7 @@ def _load_chunk(delta, z, A, bias, has_z, softplus, b, d, t0, m, raw, tmp, e,
     if has_z:
         for i in range(m):
             raw[i] = z[b, d, t0 + i]
-        _sigmoid_block(raw, tmp, e, dgate, bits, m)
+        _sigmoid_block(raw, tmp, e, dgate, bits, m, precise)
         for i in range(m):
             s = dgate[i]
             gate[i] = raw[i] * s
@@ -97,11 +104,11 @@ def _load_chunk(delta, z, A, bias, has_z, softplus, b, d, t0, m, raw, tmp, e,
     for i in range(m):
         for n in range(N):
             arg[i * N + n] = dts[i] * A[d, n]
-    _exp_block(arg, decay, bits, m * N)
+    _exp_block(arg, decay, bits, m * N, precise)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _forward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, chunk, groups, out, ckpt):
+def _forward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, precise, chunk, groups, out, ckpt):
     """u, delta, z: (b, d, l); A: (d, n); Bt, Ct: (b, l, n); D, bias: (d,).
 
     Writes out (b, d, l) and ckpt (b, d, ceil(l / chunk), n), the state before each chunk.
@@ -127,7 +134,7 @@ def _forward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, chunk, groups, ou
                     hd = h[d - lo]
                     for n in range(N):
                         ckpt[b, d, c, n] = hd[n]
-                    _load_chunk(delta, z, A, bias, has_z, softplus, b, d, t0, m, raw, tmp, e,
+                    _load_chunk(delta, z, A, bias, has_z, softplus, precise, b, d, t0, m, raw, tmp, e,
                                 dts, ddts, gate, dgate, arg, decay, bits)
                     for i in range(m):
                         t = t0 + i
@@ -146,7 +153,7 @@ def _forward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, chunk, groups, ou
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _backward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, chunk, ckpt, dout,
+def _backward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, precise, chunk, ckpt, dout,
               du, ddelta, dz, dA, dD, dbias, dBt_part, dCt_part):
     """Gradients of _forward's output, with the channel groups of _forward, one group
     per dBt_part.shape[0]; dBt_part, dCt_part (groups, b, l, n) hold each group's share
@@ -176,7 +183,7 @@ def _backward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, chunk, ckpt, dou
                     k = d - lo
                     dhd = dh[k]
                     dAd = dA_acc[k]
-                    _load_chunk(delta, z, A, bias, has_z, softplus, b, d, t0, m, raw, tmp, e,
+                    _load_chunk(delta, z, A, bias, has_z, softplus, precise, b, d, t0, m, raw, tmp, e,
                                 dts, ddts, gate, dgate, arg, decay, bits)
                     for n in range(N):
                         hs[n] = ckpt[b, d, c, n]
@@ -251,7 +258,8 @@ class _NumbaScan(torch.autograd.Function):
         out = torch.empty_like(u)
         ckpt = u.new_empty(nb, nd, -(-L // chunk_size), A.shape[1], dtype=torch.float64)
         _forward(u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), Dv.numpy(),
-                 zv.numpy(), bias.numpy(), z is not None, bool(delta_softplus), chunk_size,
+                 zv.numpy(), bias.numpy(), z is not None, bool(delta_softplus),
+                 u.dtype == torch.float64, chunk_size,
                  _groups(nd), out.numpy(), ckpt.numpy())
         ctx.save_for_backward(u, delta, A, Bt, Ct, Dv, zv, bias, ckpt)
         ctx.flags = (D is not None, z is not None, delta_bias is not None,
@@ -273,7 +281,7 @@ class _NumbaScan(torch.autograd.Function):
         dBt = u.new_zeros(groups, nb, L, N)
         dCt = u.new_zeros(groups, nb, L, N)
         _backward(*(t.numpy() for t in (u, delta, A, Bt, Ct, Dv, zv, bias)), has_z, softplus,
-                  chunk_size, ckpt.numpy(), dout.to(u.dtype).contiguous().numpy(),
+                  u.dtype == torch.float64, chunk_size, ckpt.numpy(), dout.to(u.dtype).contiguous().numpy(),
                   du.numpy(), ddelta.numpy(), dz.numpy(), dA.numpy(), dD.numpy(), dbias.numpy(),
                   dBt.numpy(), dCt.numpy())
         dtype = u.dtype
