@@ -1,14 +1,13 @@
 """Selective scan on the CPU: forward and backward kernels compiled with numba.
 
-The state recurrence runs sequentially over time, in parallel over (batch, channel).
-Decays exp(delta * A) are computed a chunk of time steps at a time with a vectorisable
-exponential. The forward pass keeps the state at every chunk start; the backward pass
-recomputes one chunk of states from there and runs the adjoint recurrence backwards,
-so its memory does not grow with the state size times the length.
+The state recurrence runs sequentially over time and in parallel over groups of channels
+(one group per thread), vectorised over the state. Each thread walks time in chunks;
+the decays exp(delta * A) of a chunk come from an exponential written so that LLVM
+vectorises it (no library call). The forward pass keeps the state at every chunk start;
+the backward pass recomputes one chunk of states from there and runs the adjoint
+recurrence backwards, so its memory does not grow with the state size times the length.
 Arithmetic is float64 inside the kernels whatever the input dtype.
 """
-import math
-
 import numba
 import numpy as np
 import torch
