@@ -15,8 +15,9 @@ test: $(VENV)/.installed  ## fast test suite (what CI runs)
 test-all: $(VENV)/.installed  ## including tests marked slow
 	$(PY) -m pytest -q -m ""
 
-bench: $(VENV)/.installed  ## selective-scan benchmark
+bench: $(VENV)/.installed  ## selective-scan and forward-pass benchmarks
 	$(PY) benchmarks/bench_scan.py
+	$(PY) benchmarks/bench_forward.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

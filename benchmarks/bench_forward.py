@@ -1,0 +1,55 @@
+"""CPU (or GPU) time of one eval forward pass of a model at given patch sizes.
+
+    python benchmarks/bench_forward.py [--model imfuse] [--patch-sizes 64 128] [--repeats 3]
+
+Defaults: IM-Fuse in the paper configuration (I-MFB, mamba_skip), all four modalities
+present, batch 1. Prints the median and the minimum over the repeats (after one warm-up
+pass, which also compiles the numba kernels) and the peak resident memory of the process.
+"""
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models import build_model  # noqa: E402
+
+PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="imfuse", choices=sorted(PAPER))
+    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    print(f"{args.model} {PAPER[args.model]}, eval forward, batch 1, all modalities, "
+          f"{args.device}, {torch.get_num_threads()} threads")
+    for P in args.patch_sizes:
+        torch.manual_seed(0)
+        model = build_model(args.model, patch_size=P, **PAPER[args.model]).to(args.device).eval()
+        x = torch.randn(1, 4, P, P, P, device=args.device)
+        mask = torch.ones(1, 4, dtype=torch.bool, device=args.device)
+        times = []
+        with torch.inference_mode():
+            for _ in range(args.repeats + 1):
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(x, mask)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        times = times[1:]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        print(f"P={P:4d}: median {statistics.median(times):7.2f} s, min {min(times):7.2f} s "
+              f"over {len(times)} runs; peak RSS so far {peak:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

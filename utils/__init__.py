@@ -1,0 +1,1 @@
+"""Shared definitions (modalities, subsets, labels) and, later, losses, schedules and metrics."""

@@ -1,0 +1,47 @@
+"""BraTS 2023 definitions shared by every part of the project (SPEC sections 1 and 2):
+the modality order, the 15 modality subsets in the order the paper reports them, the
+labels and the evaluation regions."""
+
+# Channel order everywhere (inputs, masks, checkpoints).
+MODALITIES = ("flair", "t1c", "t1", "t2")
+MODALITY_NAMES = ("FLAIR", "T1c", "T1", "T2")
+# File suffixes of a BraTS 2023 case: <case>-<suffix>.nii.gz
+MODALITY_SUFFIXES = ("t2f", "t1c", "t1n", "t2w")
+# Attribute prefixes of the modalities in checkpoints of the original IM-Fuse / mmFormer code
+CHECKPOINT_NAMES = ("flair", "t1ce", "t1", "t2")
+SEG_SUFFIX = "seg"
+
+# The 15 non-empty subsets as masks in MODALITIES order, numbered 1-15 as in the paper.
+SUBSETS = (
+    (False, False, False, True),   # 1  T2
+    (False, True, False, False),   # 2  T1c
+    (False, False, True, False),   # 3  T1
+    (True, False, False, False),   # 4  FLAIR
+    (False, True, False, True),    # 5  T1c+T2
+    (False, True, True, False),    # 6  T1c+T1
+    (True, False, True, False),    # 7  FLAIR+T1
+    (False, False, True, True),    # 8  T1+T2
+    (True, False, False, True),    # 9  FLAIR+T2
+    (True, True, False, False),    # 10 FLAIR+T1c
+    (True, True, True, False),     # 11 FLAIR+T1c+T1
+    (True, False, True, True),     # 12 FLAIR+T1+T2
+    (True, True, False, True),     # 13 FLAIR+T1c+T2
+    (False, True, True, True),     # 14 T1c+T1+T2
+    (True, True, True, True),      # 15 FLAIR+T1c+T1+T2
+)
+
+
+def subset_name(mask):
+    """'FLAIR+T1c' for the mask (True, True, False, False)."""
+    return "+".join(name for name, present in zip(MODALITY_NAMES, mask) if present)
+
+
+SUBSET_NAMES = tuple(subset_name(mask) for mask in SUBSETS)
+
+# Labels after preprocessing (older editions' ET label 4 becomes 3).
+LABELS = {0: "background", 1: "NCR", 2: "ED", 3: "ET"}
+NUM_CLASSES = len(LABELS)
+LEGACY_LABEL_MAP = {4: 3}
+
+# Evaluation regions: the labels each one contains.
+REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
