@@ -15,9 +15,10 @@ test: $(VENV)/.installed  ## fast test suite (what CI runs)
 test-all: $(VENV)/.installed  ## including tests marked slow
 	$(PY) -m pytest -q -m ""
 
-bench: $(VENV)/.installed  ## selective-scan and forward-pass benchmarks
+bench: $(VENV)/.installed  ## selective-scan, forward-pass and data-loader benchmarks
 	$(PY) benchmarks/bench_scan.py
 	$(PY) benchmarks/bench_forward.py
+	$(PY) benchmarks/bench_loader.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

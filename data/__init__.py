@@ -1,0 +1,1 @@
+"""Data: preprocessing, splits, datasets and the synthetic cohort."""

@@ -1,0 +1,105 @@
+"""Datasets over a preprocessed folder (`vol/`, `seg/`, optional `meta/`), written by
+preprocess.py or by the original IM-Fuse scripts.
+
+Training samples: a random P^3 crop (read through a memory map), augmented, with a modality
+subset drawn uniformly from the 15 (or from those the case has, when its metadata marks a
+modality absent). Evaluation samples: the whole cropped volume, its label, its assigned
+subset and its name. Randomness comes from numpy Generators seeded by (seed, epoch, index),
+so a run gives the same samples whatever the number of DataLoader workers.
+"""
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils.brats import SUBSETS
+
+from .augment import augment, random_crop
+from .preprocessing import output_paths, read_meta
+from .splits import read_split
+
+
+def case_arrays(root, case, mmap=True):
+    """(volume (X, Y, Z, M) float32, label (X, Y, Z) uint8) of a preprocessed case."""
+    paths = output_paths(root, case)
+    for key in ("vol", "seg"):
+        if not os.path.isfile(paths[key]):
+            raise FileNotFoundError(f"{paths[key]}: missing (case {case} is not preprocessed)")
+    mode = "r" if mmap else None
+    return np.load(paths["vol"], mmap_mode=mode), np.load(paths["seg"], mmap_mode=mode)
+
+
+def available_subsets(meta):
+    """The subsets (of SUBSETS) whose modalities the case has, per its metadata."""
+    if meta is None:
+        return list(SUBSETS)
+    present = meta["present"]
+    subsets = [s for s in SUBSETS if all(p or not m for p, m in zip(present, s))]
+    if not subsets:
+        raise ValueError(f"case {meta['case']}: no modality present")
+    return subsets
+
+
+def _cases(cases):
+    """A split file path or a list of names / (name, mask) pairs -> [(name, mask or None)]."""
+    if isinstance(cases, (str, os.PathLike)):
+        return read_split(cases)
+    return [c if isinstance(c, tuple) else (c, None) for c in cases]
+
+
+def _sample(image, label, mask, name):
+    return {"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.int64)),
+            "mask": torch.tensor(mask, dtype=torch.bool), "name": name}
+
+
+class TrainDataset(Dataset):
+    """Random patch_size^3 crops of the listed cases, augmented, with modality dropout.
+
+    cases: a split file or a list of case names. seed: base of the per-sample random state
+    (default: derived from torch's global seed when the dataset is built). Call
+    set_epoch(e) before each epoch for fresh draws.
+    """
+
+    def __init__(self, root, cases, patch_size=128, augmentation=True, seed=None):
+        self.root, self.patch_size, self.augmentation = root, patch_size, augmentation
+        self.cases = [name for name, _ in _cases(cases)]
+        self.seed = int(torch.initial_seed() % 2 ** 63) if seed is None else seed
+        self.epoch = 0
+        self.subsets = [available_subsets(read_meta(root, name)) for name in self.cases]
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.cases)
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        name = self.cases[index]
+        vol, seg = case_arrays(self.root, name)
+        image, label = random_crop(vol, seg, self.patch_size, rng)
+        if self.augmentation:
+            image, label = augment(image, label, rng)
+        subsets = self.subsets[index]
+        mask = subsets[int(rng.integers(len(subsets)))]
+        return _sample(image.astype(np.float32), label, mask, name)
+
+
+class EvalDataset(Dataset):
+    """Whole cropped volumes (M, X, Y, Z) with label, assigned subset and name. A case without
+    a mask in its split file gets SUBSETS[index % 15]; `subset` forces one for every case."""
+
+    def __init__(self, root, cases, subset=None):
+        self.root = root
+        self.entries = _cases(cases)
+        self.subset = subset
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, index):
+        name, mask = self.entries[index]
+        mask = self.subset or mask or SUBSETS[index % len(SUBSETS)]
+        vol, seg = case_arrays(self.root, name, mmap=False)
+        return _sample(np.ascontiguousarray(vol.transpose(3, 0, 1, 2), dtype=np.float32), seg, mask, name)

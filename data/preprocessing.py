@@ -1,0 +1,258 @@
+"""BraTS 2023 preprocessing (SPEC section 1), writing what the original scripts write
+(`vol/<case>_vol.npy` (X, Y, Z, 4) float32, `seg/<case>_seg.npy` (X, Y, Z) uint8) plus
+`meta/<case>.json` with what they lose: crop box, original shape, affine, spacing and the
+modalities present.
+
+Steps of one case: stack the four modalities (MODALITIES order) as float32; bounding box of
+the voxels where the maximum over modalities is non-zero (last voxel included), widened
+symmetrically to at least `min_size` per axis and shifted inward at both borders; crop;
+z-score each modality over the brain voxels (sum over modalities > 0); labels 4 -> 3.
+"""
+import json
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+
+from utils.brats import LABELS, LEGACY_LABEL_MAP, MODALITIES, MODALITY_SUFFIXES, SEG_SUFFIX
+
+VALID_LABELS = set(LABELS) | set(LEGACY_LABEL_MAP)
+
+
+class CaseError(Exception):
+    """A faulty case: which case, which file, what is wrong."""
+
+    def __init__(self, case, file, reason):
+        super().__init__(f"{case}: {file}: {reason}")
+        self.case, self.file, self.reason = case, file, reason
+
+
+@dataclass
+class Case:
+    name: str
+    image: np.ndarray  # (4, X, Y, Z) float32, MODALITIES order
+    label: np.ndarray  # (X, Y, Z) uint8, labels 0-3
+    affine: np.ndarray  # (4, 4)
+    spacing: tuple
+
+
+def case_files(case_dir):
+    """{suffix: path} of the five NIfTI files of a BraTS 2023 case folder."""
+    name = os.path.basename(os.path.normpath(case_dir))
+    return {s: os.path.join(case_dir, f"{name}-{s}.nii.gz") for s in MODALITY_SUFFIXES + (SEG_SUFFIX,)}
+
+
+def find_cases(input_path):
+    """Sorted case folders under input_path (every sub-folder is a case)."""
+    if not os.path.isdir(input_path):
+        raise FileNotFoundError(f"{input_path}: no such folder")
+    return sorted(os.path.join(input_path, d) for d in os.listdir(input_path)
+                  if os.path.isdir(os.path.join(input_path, d)) and not d.startswith("."))
+
+
+def _read(case, path, integer=False):
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise CaseError(case, name, "missing file")
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+        raise CaseError(case, name, f"unreadable or truncated NIfTI ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0] if str(err) else 'no detail'})")
+    if data.ndim != 3:
+        raise CaseError(case, name, f"expected a 3-D image, got shape {data.shape}")
+    if not integer:
+        data = data.astype(np.float32)
+        if not np.isfinite(data).all():
+            raise CaseError(case, name, "NaN or infinite values")
+    return img, data
+
+
+def load_case(case_dir):
+    """Read and check a raw case; raises CaseError for a faulty one."""
+    case = os.path.basename(os.path.normpath(case_dir))
+    files = case_files(case_dir)
+    images, ref = [], None
+    for suffix in MODALITY_SUFFIXES:
+        img, data = _read(case, files[suffix])
+        if ref is None:
+            ref = (suffix, img)
+        elif data.shape != ref[1].shape:
+            raise CaseError(case, os.path.basename(files[suffix]),
+                            f"shape {data.shape} differs from {ref[0]}'s {ref[1].shape}")
+        elif not np.allclose(img.affine, ref[1].affine, atol=1e-3):
+            raise CaseError(case, os.path.basename(files[suffix]), f"affine differs from {ref[0]}'s")
+        images.append(data)
+    seg_img, seg = _read(case, files[SEG_SUFFIX], integer=True)
+    seg_name = os.path.basename(files[SEG_SUFFIX])
+    if seg.shape != ref[1].shape:
+        raise CaseError(case, seg_name, f"shape {seg.shape} differs from the images' {ref[1].shape}")
+    if not np.allclose(seg_img.affine, ref[1].affine, atol=1e-3):
+        raise CaseError(case, seg_name, "affine differs from the images'")
+    if not np.isfinite(seg).all() or not np.array_equal(seg, np.round(seg)):
+        raise CaseError(case, seg_name, "labels are not whole numbers")
+    values = set(np.unique(seg).astype(int).tolist())
+    if values - VALID_LABELS:
+        raise CaseError(case, seg_name, f"unknown labels {sorted(values - VALID_LABELS)} "
+                                        f"(expected {sorted(VALID_LABELS)})")
+    label = seg.astype(np.uint8)
+    for old, new in LEGACY_LABEL_MAP.items():
+        label[label == old] = new
+    image = np.stack(images)  # (4, X, Y, Z)
+    if not image.any():
+        raise CaseError(case, os.path.basename(files[MODALITY_SUFFIXES[0]]), "empty image: every modality is zero")
+    spacing = tuple(float(z) for z in ref[1].header.get_zooms()[:3])
+    return Case(case, image, label, ref[1].affine, spacing)
+
+
+def crop_box(nonzero, min_size):
+    """[(lo, hi), ...] (hi exclusive) per axis: the bounding box of `nonzero`, widened
+    symmetrically to at least min_size and shifted inward at either border."""
+    box = []
+    for axis, dim in enumerate(nonzero.shape):
+        other = tuple(a for a in range(nonzero.ndim) if a != axis)
+        idx = np.flatnonzero(nonzero.any(axis=other))
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        size = min(max(hi - lo, min_size), dim)
+        lo -= (size - (hi - lo)) // 2
+        lo = min(max(lo, 0), dim - size)
+        box.append((lo, lo + size))
+    return box
+
+
+def normalize(image):
+    """Z-score each modality over the brain voxels (sum over modalities > 0), in place.
+    A modality that is zero (or constant) over the brain stays zero and is reported absent.
+    Returns the list of present flags."""
+    brain = image.sum(0) > 0
+    present = []
+    for k in range(image.shape[0]):
+        values = image[k][brain].astype(np.float64)
+        std = values.std() if values.size else 0.0
+        if std == 0:
+            image[k] = 0
+            present.append(False)
+        else:
+            image[k] = ((image[k] - values.mean()) / std).astype(np.float32)
+            present.append(True)
+    return present
+
+
+def output_paths(out_dir, case):
+    return {"vol": os.path.join(out_dir, "vol", f"{case}_vol.npy"),
+            "seg": os.path.join(out_dir, "seg", f"{case}_seg.npy"),
+            "meta": os.path.join(out_dir, "meta", f"{case}.json")}
+
+
+def is_done(out_dir, case):
+    return all(os.path.isfile(p) for p in output_paths(out_dir, case).values())
+
+
+def _write(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        return tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def preprocess_case(case_dir, out_dir, min_size=128, overwrite=False):
+    """Preprocess one case folder into out_dir; returns "written" or "skipped".
+    A faulty case raises CaseError and leaves no output (earlier outputs removed)."""
+    case = os.path.basename(os.path.normpath(case_dir))
+    paths = output_paths(out_dir, case)
+    if not overwrite and is_done(out_dir, case):
+        return "skipped"
+    try:
+        c = load_case(case_dir)
+    except CaseError:
+        for p in paths.values():
+            if os.path.exists(p):
+                os.remove(p)
+        raise
+    box = crop_box(c.image.max(0) != 0, min_size)
+    sl = tuple(slice(lo, hi) for lo, hi in box)
+    image = np.ascontiguousarray(c.image[(slice(None),) + sl])
+    present = normalize(image)
+    meta = {"case": case, "modalities": list(MODALITIES), "present": present,
+            "original_shape": list(c.label.shape), "crop_box": [list(b) for b in box],
+            "affine": np.asarray(c.affine, dtype=float).tolist(), "spacing": list(c.spacing),
+            "min_size": min_size}
+    for p in paths.values():
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+    tmps = []
+    try:
+        tmps.append((_write(paths["vol"], lambda f: np.save(f, image.transpose(1, 2, 3, 0))), paths["vol"]))
+        tmps.append((_write(paths["seg"], lambda f: np.save(f, np.ascontiguousarray(c.label[sl]))), paths["seg"]))
+        tmps.append((_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=1).encode())), paths["meta"]))
+        for tmp, final in tmps:  # meta last: its presence marks the case done
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    return "written"
+
+
+def read_meta(root, case):
+    """The metadata of a preprocessed case, or None (data preprocessed by the original)."""
+    path = output_paths(root, case)["meta"]
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _run_one(args):
+    case_dir, out_dir, min_size, overwrite = args
+    try:
+        return os.path.basename(case_dir), preprocess_case(case_dir, out_dir, min_size, overwrite), None
+    except CaseError as err:
+        return err.case, "failed", str(err)
+
+
+def preprocess_all(input_path, output_path, workers=1, min_size=128, overwrite=False, seed=999,
+                   progress=True, report=lambda line: print(line, file=sys.stderr)):
+    """Preprocess every case folder of input_path and write the seeded split of the good
+    cases to output_path/splits. Faulty cases are reported (one line each through `report`)
+    and skipped. Returns {"written": [...], "skipped": [...], "failed": [...]}."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    from .splits import make_split, write_split
+
+    jobs = [(case_dir, output_path, min_size, overwrite) for case_dir in find_cases(input_path)]
+    result = {"written": [], "skipped": [], "failed": []}
+    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            outcomes = pool.map(_run_one, jobs)
+            for outcome in outcomes:
+                _record(outcome, result, report, bar)
+    else:
+        for job in jobs:
+            _record(_run_one(job), result, report, bar)
+    bar.close()
+    good = result["written"] + result["skipped"]
+    if good:
+        write_split(os.path.join(output_path, "splits"), make_split(good, seed))
+    return result
+
+
+def _record(outcome, result, report, bar):
+    case, status, message = outcome
+    result[status].append(case)
+    if message:
+        with bar.external_write_mode(file=sys.stderr):
+            report(message)
+    bar.update()
