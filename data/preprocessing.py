@@ -12,12 +12,16 @@ import json
 import os
 import sys
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
+from tqdm import tqdm
 
 from utils.brats import LABELS, LEGACY_LABEL_MAP, MODALITIES, MODALITY_SUFFIXES, SEG_SUFFIX
+
+from .splits import make_split, write_split
 
 VALID_LABELS = set(LABELS) | set(LEGACY_LABEL_MAP)
 
@@ -225,12 +229,6 @@ def preprocess_all(input_path, output_path, workers=1, min_size=128, overwrite=F
     """Preprocess every case folder of input_path and write the seeded split of the good
     cases to output_path/splits. Faulty cases are reported (one line each through `report`)
     and skipped. Returns {"written": [...], "skipped": [...], "failed": [...]}."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
-
-    from .splits import make_split, write_split
-
     jobs = [(case_dir, output_path, min_size, overwrite) for case_dir in find_cases(input_path)]
     result = {"written": [], "skipped": [], "failed": []}
     bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)

@@ -214,7 +214,7 @@ class MultiEncoderNet(nn.Module):
         self.num_classes, self.patch_size, self.num_modalities = num_classes, patch_size, num_modalities
         self.widths = tuple(width * 2 ** l for l in range(num_levels))
         self.grid = patch_size // factor  # bottleneck grid side p
-        self.dim = dim
+        self.dim, self.skip_channels = dim, skip_channels
         self.encoders = nn.ModuleList(Encoder(self.widths) for _ in range(num_modalities))
         self.intra = nn.ModuleList(IntraModal(self.widths[-1], dim, self.grid ** 3, heads, mlp_dim,
                                               dropout) for _ in range(num_modalities))
@@ -222,7 +222,7 @@ class MultiEncoderNet(nn.Module):
         self.aux_decoder = AuxDecoder(self.widths, num_classes)
 
     def fuse(self, features):
-        """Masked features -> (skip inputs of levels 1-4 (None where a level has none),
+        """Masked features (level 1 None when it has no skip) -> (skip inputs of levels 1-4 (None where a level has none),
         bottleneck map (B, bottleneck_ch, p, p, p))."""
         raise NotImplementedError
 
@@ -241,8 +241,10 @@ class MultiEncoderNet(nn.Module):
         if not run:
             raise ValueError("at least one modality must be present")
         outs = {m: self.encoders[m](x[:, m:m + 1]) for m in run}
-        zeros = [torch.zeros_like(f) for f in outs[run[0]]]
-        per_mod = [outs.get(m, zeros) for m in range(self.num_modalities)]
+        if skip:
+            zeros = [torch.zeros_like(f) for f in outs[run[0]]]
+            outs.update({m: zeros for m in skip})
+        per_mod = [outs[m] for m in range(self.num_modalities)]
         return [torch.stack(level, dim=1) for level in zip(*per_mod)]
 
     def _intra(self, x5, skip=()):  # (B, M, C5, p, p, p) -> (B, M, dim, p, p, p)
@@ -262,7 +264,9 @@ class MultiEncoderNet(nn.Module):
     def decode(self, features, mask, deep_supervision=False):
         """features from `encode`, mask (B, M) bool -> fused probabilities (B, K, P, P, P)
         (and the deep-supervision list with deep_supervision=True)."""
-        masked = [mask_modalities(f, mask) for f in features]
+        # level 1 is masked only when it has a skip connection (None otherwise)
+        masked = [mask_modalities(f, mask) if l or self.skip_channels[0] else None
+                  for l, f in enumerate(features)]
         skips, x5 = self.fuse(masked)
         return self.decoder(skips, x5, deep_supervision)
 

@@ -50,12 +50,13 @@ class IMFuse(MultiEncoderNet):
                 nn.init.zeros_(m.bias)
 
     def fuse(self, features):
+        fusions = dict(zip(self.skip_levels, self.skip_fusions))
         skips = []
-        for l, f in enumerate(features[:4]):  # f (B, M, C, *grid)
-            if l in self.skip_levels:
-                skips.append(self.skip_fusions[self.skip_levels.index(l)](f))
-            elif l == 0 and not self.first_skip:
+        for l, f in enumerate(features[:4]):  # f (B, M, C, *grid), None: level without skip
+            if f is None:
                 skips.append(None)
+            elif l in fusions:
+                skips.append(fusions[l](f))
             else:
                 skips.append(f.flatten(1, 2))  # channel concatenation, modality-major
         x5 = features[4]  # (B, M, dim, p, p, p)
