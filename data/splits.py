@@ -8,6 +8,7 @@ import re
 import numpy as np
 
 from utils.brats import MODALITIES, SUBSETS
+from utils.io import atomic_path
 
 SPLIT_FILES = {"train": "train.txt", "val": "val15splits.csv", "test": "test15splits.csv"}
 FRACTIONS = (0.7, 0.1, 0.2)
@@ -42,11 +43,8 @@ def parse_mask(text, where="mask"):
 
 def write_split(out_dir, split):
     """Write train.txt, val15splits.csv and test15splits.csv (masks cycle through SUBSETS)."""
-    os.makedirs(out_dir, exist_ok=True)
     for part, name in SPLIT_FILES.items():
-        path = os.path.join(out_dir, name)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(os.path.join(out_dir, name)) as tmp, open(tmp, "w", newline="") as f:
             if part == "train":
                 f.writelines(f"{case}\n" for case in split[part])
             else:
@@ -54,7 +52,6 @@ def write_split(out_dir, split):
                 writer.writerow(["case", "mask"])
                 writer.writerows([case, format_mask(SUBSETS[i % len(SUBSETS)])]
                                  for i, case in enumerate(split[part]))
-        os.replace(tmp, path)
 
 
 def read_split(path):

@@ -113,6 +113,7 @@ def test_brats_metrics_by_hand():
     assert m["ET"] == pytest.approx(2 * inter / (32 + et_t))
     assert m["ETpp"] == pytest.approx(0.0, abs=1e-9)  # 32 < 500 predicted ET voxels: removed
     assert set(m) == {"WT", "TC", "ET", "ETpp", "HD95_WT", "HD95_TC", "HD95_ET"}
+    assert brats_metrics(pred, target, distances=False) == {k: m[k] for k in ("WT", "TC", "ET", "ETpp")}
 
 
 def test_brats_metrics_empty_regions():
@@ -140,18 +141,24 @@ def test_window_starts_by_hand():
 
 
 @pytest.mark.parametrize("dims", [(40, 37, 33), (16, 16, 16), (10, 20, 17)])
-def test_sliding_window_reproduces_the_identity_and_covers_every_voxel(dims):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_sliding_window_reproduces_the_identity_and_covers_every_voxel(dims, batch_size):
     volume = torch.randn(4, *dims, dtype=torch.float64)
     calls = []
 
-    def identity(window):  # (1, M, P, P, P) -> (S=2, K=M, P, P, P)
-        calls.append(window.shape)
-        return torch.cat([window, 2 * window])
+    def identity(windows):  # (B, M, P, P, P) -> (B, S=2, K=M, P, P, P)
+        calls.append(windows.shape)
+        return torch.stack([windows, 2 * windows], dim=1)
 
-    out = sliding_window(volume, 16, identity)
+    out = sliding_window(volume, 16, identity, batch_size=batch_size)
     assert out.shape == (2, 4, *dims)
     torch.testing.assert_close(out[0], volume, rtol=0, atol=1e-12)
     torch.testing.assert_close(out[1], 2 * volume, rtol=0, atol=1e-12)
-    assert all(shape == (1, 4, 16, 16, 16) for shape in calls)
-    ones = sliding_window(torch.ones(1, *dims), 16, lambda w: torch.ones_like(w))
+    n_windows = 1
+    for d in dims:
+        n_windows *= len(window_starts(max(d, 16), 16, 8))
+    assert sum(shape[0] for shape in calls) == n_windows
+    assert all(shape[1:] == (4, 16, 16, 16) and shape[0] <= batch_size for shape in calls)
+    ones = sliding_window(torch.ones(1, *dims), 16, lambda w: torch.ones_like(w)[:, None],
+                          batch_size=batch_size)
     assert torch.equal(ones, torch.ones(1, 1, *dims))  # uniform average: the weights sum to 1

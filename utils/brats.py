@@ -45,3 +45,22 @@ LEGACY_LABEL_MAP = {4: 3}
 
 # Evaluation regions: the labels each one contains.
 REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+
+
+def parse_subsets(text):
+    """'all' or comma-separated subset names ('FLAIR+T1c+T1+T2,T1c'; case and the order of
+    the modalities within a name do not matter) -> list of masks, in the order given."""
+    if text.strip().lower() == "all":
+        return list(SUBSETS)
+    by_key = {frozenset(name.lower().split("+")): mask for name, mask in zip(SUBSET_NAMES, SUBSETS)}
+    subsets = []
+    for name in filter(None, (part.strip() for part in text.split(","))):
+        key = frozenset(m.strip().lower() for m in name.split("+"))
+        if key not in by_key:
+            raise ValueError(f"unknown modality subset {name!r}: use names such as FLAIR+T1c+T1+T2 "
+                             f"(modalities {', '.join(MODALITY_NAMES)}) or 'all'")
+        if by_key[key] not in subsets:
+            subsets.append(by_key[key])
+    if not subsets:
+        raise ValueError("no modality subset given")
+    return subsets

@@ -50,9 +50,9 @@ def hd95(pred, target, spacing=(1, 1, 1)):
     return float(max(np.percentile(to_b, 95), np.percentile(to_a, 95)))
 
 
-def brats_metrics(pred, target, spacing=(1, 1, 1)):
+def brats_metrics(pred, target, spacing=(1, 1, 1), distances=True):
     """Label maps (X, Y, Z) with labels 0-3 -> {"WT", "TC", "ET", "ETpp", "HD95_WT",
-    "HD95_TC", "HD95_ET"} (Dice and mm)."""
+    "HD95_TC", "HD95_ET"} (Dice and mm); the Dice scores only with distances=False."""
     pred, target = np.asarray(pred), np.asarray(target)
     if pred.shape != target.shape:
         raise ValueError(f"prediction {pred.shape} and reference {target.shape} differ in shape")
@@ -60,6 +60,6 @@ def brats_metrics(pred, target, spacing=(1, 1, 1)):
     out = {name: dice(p[name], t[name]) for name in REGIONS}
     et_pp = p["ET"] if p["ET"].sum() >= ET_MIN_VOXELS else np.zeros_like(p["ET"])
     out["ETpp"] = dice(et_pp, t["ET"])
-    for name in REGIONS:
+    for name in REGIONS if distances else ():
         out[f"HD95_{name}"] = hd95(p[name], t[name], spacing)
     return out

@@ -1,0 +1,110 @@
+"""Evaluate a trained model on the test cases under every modality subset (SPEC section 5).
+
+    python test.py --datapath BRATS2023_Training_npy --resume runs/imfuse/best.pth --savepath results/imfuse
+
+Writes <savepath>/results.csv (one row per case and subset), summary.csv and summary.md (per
+subset means and the mean over subsets: the paper's table) and figures/<case>.png; with
+--save_nifti also predictions/<subset>/<case>.nii.gz in the original image space.
+Checkpoints of train_poly.py describe their model; for checkpoints of the original code give
+the variant flags (--interleaved_tokenization, --mamba_skip, --first_skip, --patch_size).
+"""
+import argparse
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+from data.datasets import EvalDataset
+from utils.brats import parse_subsets, subset_name
+from utils.checkpoint import CheckpointError, load_model
+from utils.evaluation import RESULT_FIELDS, SUMMARY_FIELDS, evaluate, summarize, summary_markdown, uncrop
+from utils.figures import case_figure
+from utils.io import save_nifti, write_csv, write_text
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datapath", required=True, help="preprocessed data (vol/, seg/, meta/, splits/)")
+    p.add_argument("--resume", required=True, help="checkpoint (train_poly.py's or the original code's)")
+    p.add_argument("--savepath", required=True, help="output folder")
+    p.add_argument("--test_file", help="test case list (default <datapath>/splits/test15splits.csv)")
+    p.add_argument("--dataname", default="BRATS2023")
+    p.add_argument("--subsets", default="all",
+                   help="'all' or comma-separated subsets such as FLAIR+T1c+T1+T2,T1c")
+    p.add_argument("--batch_size", type=int, default=1, help="sliding windows per forward pass")
+    p.add_argument("--save_nifti", action="store_true", help="write the label maps as NIfTI")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    original = p.add_argument_group("checkpoints of the original code")
+    original.add_argument("--model", default="imfuse", help="imfuse or mmformer")
+    original.add_argument("--patch_size", type=int, default=128)
+    original.add_argument("--interleaved_tokenization", action="store_true")
+    original.add_argument("--mamba_skip", action="store_true")
+    original.add_argument("--first_skip", action="store_true")
+    return p
+
+
+def reference_config(args):
+    config = {"patch_size": args.patch_size}
+    if args.model == "imfuse":
+        config.update(interleaved=args.interleaved_tokenization, mamba_skip=args.mamba_skip,
+                      first_skip=args.first_skip)
+    return config
+
+
+def case_writer(savepath, nifti):
+    """on_case callback of evaluate: the PNG, and with nifti the label maps."""
+    warned = []
+
+    def write(sample, meta, subsets, labels):
+        name = sample["name"]
+        titles = [subset_name(s) for s in subsets]
+        case_figure(os.path.join(savepath, "figures", f"{name}.png"), sample["image"][0].numpy(),
+                    sample["label"].numpy(), labels, titles)
+        if not nifti:
+            return
+        if meta is None and not warned:
+            warned.append(name)
+            warnings.warn(f"{name}: no preprocessing metadata (meta/{name}.json); label maps are "
+                          "written in the cropped space with an identity affine")
+        for title, label in zip(titles, labels):
+            full, affine = (uncrop(label, meta), meta["affine"]) if meta else (label, np.eye(4))
+            save_nifti(os.path.join(savepath, "predictions", title, f"{name}.nii.gz"), full, affine)
+
+    return write
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch_size must be positive")
+    try:
+        subsets = parse_subsets(args.subsets)
+    except ValueError as err:
+        p.error(str(err))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    test_file = args.test_file or os.path.join(args.datapath, "splits", "test15splits.csv")
+    try:
+        model, ckpt = load_model(args.resume, args.model, **reference_config(args))
+        dataset = EvalDataset(args.datapath, test_file)
+        rows = evaluate(model.to(device), dataset, subsets, args.batch_size,
+                        progress=not args.no_progress, on_case=case_writer(args.savepath, args.save_nifti))
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"test.py: {err}", file=sys.stderr)
+        return 1
+    summary = summarize(rows)
+    write_csv(os.path.join(args.savepath, "results.csv"), rows, RESULT_FIELDS)
+    write_csv(os.path.join(args.savepath, "summary.csv"), summary, SUMMARY_FIELDS)
+    table = summary_markdown(summary)
+    epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else ""
+    write_text(os.path.join(args.savepath, "summary.md"),
+               f"# {os.path.basename(args.resume)}{epoch}: {len(dataset)} test cases\n\n{table}")
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Writing outputs safely: every file is written under a temporary name in its folder and
+renamed when complete, so an interrupted run never leaves a half-written file."""
+import contextlib
+import csv
+import os
+
+import nibabel as nib
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path next to `path` (same extension, e.g. .nii.gz) to write to;
+    renamed to `path` when the block succeeds, removed when it fails."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}.{name.split('.', 1)[-1]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(path, rows, fields):
+    """rows (dicts) -> CSV with the given columns; floats with 4 decimals."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()})
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def save_nifti(path, data, affine):
+    """data (X, Y, Z) with the given 4x4 affine -> NIfTI (.nii or .nii.gz), qform and sform set."""
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
