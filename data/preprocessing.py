@@ -8,6 +8,7 @@ the voxels where the maximum over modalities is non-zero (last voxel included), 
 symmetrically to at least `min_size` per axis and shifted inward at both borders; crop;
 z-score each modality over the brain voxels (sum over modalities > 0); labels 4 -> 3.
 """
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.brats import LABELS, LEGACY_LABEL_MAP, MODALITIES, MODALITY_SUFFIXES, SEG_SUFFIX
+from utils.io import atomic_path
 
 from .splits import make_split, write_split
 
@@ -156,18 +158,6 @@ def is_done(out_dir, case):
     return all(os.path.isfile(p) for p in output_paths(out_dir, case).values())
 
 
-def _write(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        return tmp
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def preprocess_case(case_dir, out_dir, min_size=128, overwrite=False):
     """Preprocess one case folder into out_dir; returns "written" or "skipped".
     A faulty case raises CaseError and leaves no output (earlier outputs removed)."""
@@ -190,20 +180,13 @@ def preprocess_case(case_dir, out_dir, min_size=128, overwrite=False):
             "original_shape": list(c.label.shape), "crop_box": [list(b) for b in box],
             "affine": np.asarray(c.affine, dtype=float).tolist(), "spacing": list(c.spacing),
             "min_size": min_size}
-    for p in paths.values():
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-    tmps = []
-    try:
-        tmps.append((_write(paths["vol"], lambda f: np.save(f, image.transpose(1, 2, 3, 0))), paths["vol"]))
-        tmps.append((_write(paths["seg"], lambda f: np.save(f, np.ascontiguousarray(c.label[sl]))), paths["seg"]))
-        tmps.append((_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=1).encode())), paths["meta"]))
-        for tmp, final in tmps:  # meta last: its presence marks the case done
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp, _ in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
+    # an ExitStack renames in reverse order of entry: meta last, its presence marks the case done
+    with contextlib.ExitStack() as stack:
+        tmp = {k: stack.enter_context(atomic_path(paths[k])) for k in ("meta", "seg", "vol")}
+        np.save(tmp["vol"], image.transpose(1, 2, 3, 0))
+        np.save(tmp["seg"], np.ascontiguousarray(c.label[sl]))
+        with open(tmp["meta"], "w") as f:
+            json.dump(meta, f, indent=1)
     return "written"
 
 

@@ -1,6 +1,5 @@
 """The training loss of SPEC section 4: weighted cross-entropy + soft Dice on softmax
 probabilities, summed over the fused, auxiliary and deep-supervision outputs."""
-import torch
 import torch.nn.functional as F
 
 
