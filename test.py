@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from data.datasets import EvalDataset
+from data.preprocessing import CaseError
 from utils.brats import parse_subsets, subset_name
-from utils.checkpoint import CheckpointError, load_model
+from utils.checkpoint import CheckpointError, add_original_flags, load_model_from_args
 from utils.evaluation import RESULT_FIELDS, SUMMARY_FIELDS, evaluate, summarize, summary_markdown, uncrop
 from utils.figures import case_figure
 from utils.io import save_nifti, write_csv, write_text
@@ -37,21 +38,8 @@ def parser():
     p.add_argument("--save_nifti", action="store_true", help="write the label maps as NIfTI")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    original = p.add_argument_group("checkpoints of the original code")
-    original.add_argument("--model", default="imfuse", help="imfuse or mmformer")
-    original.add_argument("--patch_size", type=int, default=128)
-    original.add_argument("--interleaved_tokenization", action="store_true")
-    original.add_argument("--mamba_skip", action="store_true")
-    original.add_argument("--first_skip", action="store_true")
+    add_original_flags(p)
     return p
-
-
-def reference_config(args):
-    config = {"patch_size": args.patch_size}
-    if args.model == "imfuse":
-        config.update(interleaved=args.interleaved_tokenization, mamba_skip=args.mamba_skip,
-                      first_skip=args.first_skip)
-    return config
 
 
 def case_writer(savepath, nifti):
@@ -70,7 +58,7 @@ def case_writer(savepath, nifti):
             warnings.warn(f"{name}: no preprocessing metadata (meta/{name}.json); label maps are "
                           "written in the cropped space with an identity affine")
         for title, label in zip(titles, labels):
-            full, affine = (uncrop(label, meta), meta["affine"]) if meta else (label, np.eye(4))
+            full, affine = (uncrop(label, meta["original_shape"], meta["crop_box"]), meta["affine"]) if meta else (label, np.eye(4))
             save_nifti(os.path.join(savepath, "predictions", title, f"{name}.nii.gz"), full, affine)
 
     return write
@@ -88,11 +76,11 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     test_file = args.test_file or os.path.join(args.datapath, "splits", "test15splits.csv")
     try:
-        model, ckpt = load_model(args.resume, args.model, **reference_config(args))
+        model, ckpt = load_model_from_args(args)
         dataset = EvalDataset(args.datapath, test_file)
         rows = evaluate(model.to(device), dataset, subsets, args.batch_size,
                         progress=not args.no_progress, on_case=case_writer(args.savepath, args.save_nifti))
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
+    except (CaseError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"test.py: {err}", file=sys.stderr)
         return 1
     summary = summarize(rows)

@@ -5,12 +5,16 @@
 
 Writes <savepath>/model_last.pth every epoch, <savepath>/best.pth at each best validation
 score (mean WT/TC/ET Dice) and TensorBoard logs in <savepath>/summary. --resume
-<savepath>/model_last.pth continues a run at the next epoch.
+<savepath>/model_last.pth continues a run where it stopped. SIGINT or SIGTERM ends the current
+iteration, saves model_last.pth and exits with status 128 + the signal number. Under
+`torchrun --nproc_per_node N train_poly.py ...` it trains with DistributedDataParallel.
 """
 import argparse
 import inspect
+import os
 import sys
 
+from data.preprocessing import CaseError
 from models import model_class
 from utils.checkpoint import CheckpointError
 from utils.training import TrainConfig, TrainingError, train
@@ -48,7 +52,9 @@ def parser():
     p.add_argument("--resume", help="a model_last.pth / best.pth of train_poly.py to continue")
     p.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and the last)")
     p.add_argument("--num_workers", type=int, default=2, help="data-loading processes")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; under "
+                                    "torchrun each process takes the GPU of its local rank)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (for CUDA; the Mamba scan stays float32)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -80,15 +86,23 @@ def main(argv=None):
                       val_file=args.val_file, num_epochs=args.num_epochs, batch_size=args.batch_size,
                       lr=args.lr, weight_decay=args.weight_decay, iter_per_epoch=args.iter_per_epoch,
                       seed=args.seed, resume=args.resume, val_every=args.val_every,
-                      num_workers=args.num_workers, device=args.device, progress=not args.no_progress)
+                      num_workers=args.num_workers, device=args.device, amp=args.amp,
+                      progress=not args.no_progress)
     try:
         state = train(cfg)
-    except (CheckpointError, TrainingError, FileNotFoundError, ValueError) as err:
+    except (CaseError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as err:
         print(f"train_poly.py: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("train_poly.py: aborted by a second Ctrl-C; model_last.pth holds the last finished epoch",
+              file=sys.stderr)
+        return 130
+    if state.get("stopped"):
+        return 128 + state["stopped"]
     best = state["val_Dice_best"]
-    print(f"done: {state['epoch'] + 1} epochs" + (f", best validation Dice {best:.4f}" if best > -1 else "")
-          + f"; checkpoints in {args.savepath}")
+    if os.environ.get("RANK", "0") == "0":
+            print(f"done: {state['epoch'] + 1} epochs" + (f", best validation Dice {best:.4f}" if best > -1 else "")
+              + f"; checkpoints in {args.savepath}")
     return 0
 
 

@@ -13,21 +13,30 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.brats import SUBSETS
+from utils.brats import MODALITIES, SUBSETS
 
 from .augment import augment, random_crop
-from .preprocessing import output_paths, read_meta
+from .preprocessing import CaseError, output_paths, read_meta
 from .splits import read_split
 
 
 def case_arrays(root, case, mmap=True):
-    """(volume (X, Y, Z, M) float32, label (X, Y, Z) uint8) of a preprocessed case."""
+    """(volume (X, Y, Z, M) float32, label (X, Y, Z) uint8) of a preprocessed case; CaseError
+    for a missing or unreadable file or arrays that do not fit together."""
     paths = output_paths(root, case)
+    arrays = []
     for key in ("vol", "seg"):
         if not os.path.isfile(paths[key]):
-            raise FileNotFoundError(f"{paths[key]}: missing (case {case} is not preprocessed)")
-    mode = "r" if mmap else None
-    return np.load(paths["vol"], mmap_mode=mode), np.load(paths["seg"], mmap_mode=mode)
+            raise CaseError(case, paths[key], "missing (the case is not preprocessed)")
+        try:
+            arrays.append(np.load(paths[key], mmap_mode="r" if mmap else None))
+        except (ValueError, OSError, EOFError) as err:
+            raise CaseError(case, paths[key], f"unreadable or truncated .npy ({str(err).splitlines()[0][:200]})")
+    vol, seg = arrays
+    if vol.ndim != 4 or vol.shape[-1] != len(MODALITIES) or seg.shape != vol.shape[:3]:
+        raise CaseError(case, paths["vol"], f"shapes {vol.shape} (volume) and {seg.shape} (labels) do not "
+                                            f"fit (X, Y, Z, {len(MODALITIES)}) and (X, Y, Z)")
+    return vol, seg
 
 
 def available_subsets(meta):
@@ -66,6 +75,8 @@ class TrainDataset(Dataset):
         self.cases = [name for name, _ in _cases(cases)]
         self.seed = int(torch.initial_seed() % 2 ** 63) if seed is None else seed
         self.epoch = 0
+        for name in self.cases:
+            case_arrays(root, name)  # faulty files fail here, in one line, not in a worker
         self.subsets = [available_subsets(read_meta(root, name)) for name in self.cases]
 
     def set_epoch(self, epoch):
@@ -94,6 +105,8 @@ class EvalDataset(Dataset):
         self.root = root
         self.entries = _cases(cases)
         self.subset = subset
+        for name, _ in self.entries:
+            case_arrays(root, name)
 
     def __len__(self):
         return len(self.entries)

@@ -32,7 +32,7 @@ class CaseError(Exception):
     """A faulty case: which case, which file, what is wrong."""
 
     def __init__(self, case, file, reason):
-        super().__init__(f"{case}: {file}: {reason}")
+        super().__init__(f"{case}: {file}: {reason}" if case else f"{file}: {reason}")
         self.case, self.file, self.reason = case, file, reason
 
 
@@ -59,8 +59,13 @@ def find_cases(input_path):
                   if os.path.isdir(os.path.join(input_path, d)) and not d.startswith("."))
 
 
+def _name(case, path):
+    """How messages name a file: by its name within a case, by its path otherwise."""
+    return os.path.basename(path) if case else path
+
+
 def _read(case, path, integer=False):
-    name = os.path.basename(path)
+    name = _name(case, path)
     if not os.path.isfile(path):
         raise CaseError(case, name, "missing file")
     try:
@@ -78,26 +83,41 @@ def _read(case, path, integer=False):
     return img, data
 
 
+def read_modalities(case, paths):
+    """The images of `paths` (one path per MODALITIES entry, None for an absent modality) ->
+    (image (M, X, Y, Z) float32 with zeros for absent modalities, reference nibabel image).
+    Raises CaseError for a missing or unreadable file or one whose shape or affine differs
+    from the first's. case None: messages name the files by their paths."""
+    images, ref = {}, None
+    for k, path in enumerate(paths):
+        if path is None:
+            continue
+        img, data = _read(case, path)
+        if ref is None:
+            ref = (_name(case, path), img)
+        elif data.shape != ref[1].shape:
+            raise CaseError(case, _name(case, path), f"shape {data.shape} differs from {ref[0]}'s {ref[1].shape}")
+        elif not np.allclose(img.affine, ref[1].affine, atol=1e-3):
+            raise CaseError(case, _name(case, path), f"affine (position or orientation) differs from {ref[0]}'s")
+        images[k] = data
+    if ref is None:
+        raise ValueError("no modality file given")
+    image = np.zeros((len(paths),) + ref[1].shape, dtype=np.float32)
+    for k, data in images.items():
+        image[k] = data
+    return image, ref[1]
+
+
 def load_case(case_dir):
     """Read and check a raw case; raises CaseError for a faulty one."""
     case = os.path.basename(os.path.normpath(case_dir))
     files = case_files(case_dir)
-    images, ref = [], None
-    for suffix in MODALITY_SUFFIXES:
-        img, data = _read(case, files[suffix])
-        if ref is None:
-            ref = (suffix, img)
-        elif data.shape != ref[1].shape:
-            raise CaseError(case, os.path.basename(files[suffix]),
-                            f"shape {data.shape} differs from {ref[0]}'s {ref[1].shape}")
-        elif not np.allclose(img.affine, ref[1].affine, atol=1e-3):
-            raise CaseError(case, os.path.basename(files[suffix]), f"affine differs from {ref[0]}'s")
-        images.append(data)
+    image, ref = read_modalities(case, [files[s] for s in MODALITY_SUFFIXES])
     seg_img, seg = _read(case, files[SEG_SUFFIX], integer=True)
     seg_name = os.path.basename(files[SEG_SUFFIX])
-    if seg.shape != ref[1].shape:
-        raise CaseError(case, seg_name, f"shape {seg.shape} differs from the images' {ref[1].shape}")
-    if not np.allclose(seg_img.affine, ref[1].affine, atol=1e-3):
+    if seg.shape != ref.shape:
+        raise CaseError(case, seg_name, f"shape {seg.shape} differs from the images' {ref.shape}")
+    if not np.allclose(seg_img.affine, ref.affine, atol=1e-3):
         raise CaseError(case, seg_name, "affine differs from the images'")
     if not np.isfinite(seg).all() or not np.array_equal(seg, np.round(seg)):
         raise CaseError(case, seg_name, "labels are not whole numbers")
@@ -108,11 +128,10 @@ def load_case(case_dir):
     label = seg.astype(np.uint8)
     for old, new in LEGACY_LABEL_MAP.items():
         label[label == old] = new
-    image = np.stack(images)  # (4, X, Y, Z)
     if not image.any():
         raise CaseError(case, os.path.basename(files[MODALITY_SUFFIXES[0]]), "empty image: every modality is zero")
-    spacing = tuple(float(z) for z in ref[1].header.get_zooms()[:3])
-    return Case(case, image, label, ref[1].affine, spacing)
+    spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
+    return Case(case, image, label, ref.affine, spacing)
 
 
 def crop_box(nonzero, min_size):
@@ -148,6 +167,14 @@ def normalize(image):
     return present
 
 
+def crop_and_normalize(image, min_size):
+    """image (M, X, Y, Z) -> (cropped and z-scored copy, crop box, present flags): the steps
+    every case goes through, for training and for prediction alike."""
+    box = crop_box(image.max(0) != 0, min_size)
+    cropped = np.ascontiguousarray(image[(slice(None),) + tuple(slice(lo, hi) for lo, hi in box)])
+    return cropped, box, normalize(cropped)
+
+
 def output_paths(out_dir, case):
     return {"vol": os.path.join(out_dir, "vol", f"{case}_vol.npy"),
             "seg": os.path.join(out_dir, "seg", f"{case}_seg.npy"),
@@ -172,10 +199,8 @@ def preprocess_case(case_dir, out_dir, min_size=128, overwrite=False):
             if os.path.exists(p):
                 os.remove(p)
         raise
-    box = crop_box(c.image.max(0) != 0, min_size)
+    image, box, present = crop_and_normalize(c.image, min_size)
     sl = tuple(slice(lo, hi) for lo, hi in box)
-    image = np.ascontiguousarray(c.image[(slice(None),) + sl])
-    present = normalize(image)
     meta = {"case": case, "modalities": list(MODALITIES), "present": present,
             "original_shape": list(c.label.shape), "crop_box": [list(b) for b in box],
             "affine": np.asarray(c.affine, dtype=float).tolist(), "spacing": list(c.spacing),
@@ -195,8 +220,11 @@ def read_meta(root, case):
     path = output_paths(root, case)["meta"]
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, OSError) as err:
+        raise CaseError(case, path, f"unreadable metadata ({str(err).splitlines()[0][:200]})")
 
 
 def _run_one(args):

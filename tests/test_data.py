@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 import preprocess
 from data.augment import random_crop, random_flip, random_intensity, random_rotation
 from data.datasets import EvalDataset, TrainDataset
+from data.preprocessing import CaseError
 from raw_cases import write_case
 from utils.brats import SUBSETS
 
@@ -147,5 +148,5 @@ def test_eval_dataset_gives_whole_volumes_with_their_subsets(cohort, tmp_path):
     assert sample["mask"].tolist() == [False, True, False, True]
     plain = EvalDataset(cohort, names(cohort))  # no masks: the subsets in turn
     assert [tuple(plain[i]["mask"].tolist()) for i in range(4)] == list(SUBSETS[:4])
-    with pytest.raises(FileNotFoundError, match="BraTS-GLI-09999-000_vol.npy: missing"):
+    with pytest.raises(CaseError, match="BraTS-GLI-09999-000_vol.npy: missing"):
         EvalDataset(cohort, ["BraTS-GLI-09999-000"])[0]

@@ -158,3 +158,20 @@ def test_float32_under_autocast(backend):
                             delta_softplus=True, backend=backend)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expect.bfloat16(), rtol=0, atol=0)
+
+
+def test_numba_kernel_keeps_torchs_thread_count():
+    """numba's OpenMP pool shares libgomp with torch; starting it must not raise torch's
+    thread count (1 per process under torchrun) to every core."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch\n"
+            "from models.scan.cpu_numba import selective_scan_numba as scan\n"
+            "u = torch.randn(1, 4, 64, requires_grad=True)\n"
+            "scan(u, torch.rand(1, 4, 64), -torch.rand(4, 8), torch.randn(1, 8, 64), torch.randn(1, 8, 64)).sum().backward()\n"
+            "print(torch.get_num_threads())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"})
+    assert out.stdout.split() == ["1"]

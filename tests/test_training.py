@@ -2,6 +2,11 @@
 import csv
 import importlib.util
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +19,8 @@ from data.preprocessing import preprocess_all
 from data.synthetic import make_cohort
 from models import build_model, to_reference
 from utils.brats import SUBSET_NAMES, SUBSETS, parse_subsets
-from utils.checkpoint import load_checkpoint, load_model
+from utils import training
+from utils.checkpoint import load_checkpoint, load_model, save_checkpoint
 from utils.evaluation import evaluate, predict_subsets, summarize, uncrop
 from utils.figures import case_figure, tumour_slice
 from utils.inference import sliding_window
@@ -185,7 +191,7 @@ def test_summary_means_by_hand():
 def test_uncrop_puts_the_label_back_at_the_crop_box():
     meta = {"original_shape": [10, 12, 8], "crop_box": [[2, 6], [3, 12], [0, 5]]}
     cropped = np.arange(4 * 9 * 5).reshape(4, 9, 5).astype(np.uint8)
-    full = uncrop(cropped, meta)
+    full = uncrop(cropped, meta["original_shape"], meta["crop_box"])
     assert full.shape == (10, 12, 8) and np.array_equal(full[2:6, 3:12, 0:5], cropped)
     assert full.sum() == cropped.sum()
 
@@ -208,3 +214,113 @@ def test_case_figure_uses_the_largest_tumour_slice(tmp_path):
     z = case_figure(str(tmp_path / "c.png"), np.random.rand(20, 20, 10), target, labels, ["A", "B"])
     img = Image.open(tmp_path / "c.png")
     assert z == 7 and img.size == (3 * 160, 160 + 14)
+
+
+def assert_same_run(a, b):
+    """Two checkpoints hold the same weights, optimizer state, place and best score."""
+    assert (a["epoch"], a["iteration"], a["step"]) == (b["epoch"], b["iteration"], b["step"])
+    assert a["val_Dice_best"] == pytest.approx(b["val_Dice_best"], abs=1e-6)
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-5, atol=1e-6)
+    for i, s in a["optim_dict"]["state"].items():
+        assert int(s["step"]) == int(b["optim_dict"]["state"][i]["step"])
+        torch.testing.assert_close(s["exp_avg_sq"], b["optim_dict"]["state"][i]["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+def last(folder):
+    return load_checkpoint(str(folder / "model_last.pth"))
+
+
+@pytest.mark.parametrize("signal_in", [3, 4])  # iteration 1 of epoch 2; its last one (validation pending)
+def test_a_signal_saves_after_the_iteration_and_the_resumed_run_is_the_uninterrupted_one(
+        cohort, tmp_path, monkeypatch, capsys, signal_in):
+    args = ["--num_epochs", "3", "--iter_per_epoch", "2"]
+    assert train(cohort[1], tmp_path / "straight", *args) == 0
+    calls, loss = [], training.total_loss
+
+    def loss_then_signal(*a):
+        calls.append(1)
+        if len(calls) == signal_in:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*a)
+
+    monkeypatch.setattr(training, "total_loss", loss_then_signal)
+    assert train(cohort[1], tmp_path / "split", *args) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler removed
+    ckpt = last(tmp_path / "split")
+    assert (ckpt["epoch"], ckpt["iteration"], ckpt["step"]) == (0, signal_in - 2, signal_in)
+    assert f"stopped by signal {int(signal.SIGTERM)} in epoch 2 after iteration {signal_in - 2}" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert train(cohort[1], tmp_path / "split", *args, "--resume", str(tmp_path / "split" / "model_last.pth")) == 0
+    assert_same_run(last(tmp_path / "straight"), last(tmp_path / "split"))
+    assert_same_run(load_checkpoint(str(tmp_path / "straight" / "best.pth")),
+                    load_checkpoint(str(tmp_path / "split" / "best.pth")))
+
+
+def test_sigterm_to_a_training_process_and_its_loader_workers(cohort, tmp_path):
+    """The real thing: SIGTERM to the process group of train_poly.py (loader workers included)
+    while it trains; it exits 143 with a checkpoint, and the resumed run finishes as the
+    uninterrupted one."""
+    args = ["--num_epochs", "4", "--iter_per_epoch", "2", "--val_file", ""]
+    argv = [sys.executable, os.path.join(ROOT, "train_poly.py"), "--datapath", cohort[1], "--savepath",
+            str(tmp_path / "split"), "--num_workers", "1", "--no_progress", "--lr", "1e-3"] + TINY + args
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "split" / "model_last.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "stopped by signal 15" in out
+    stopped = last(tmp_path / "split")
+    assert 0 <= stopped["epoch"] < 3 and stopped["step"] == 2 * (stopped["epoch"] + 1) + stopped["iteration"]
+    assert train(cohort[1], tmp_path / "straight", *args) == 0
+    assert train(cohort[1], tmp_path / "split", *args, "--resume", str(tmp_path / "split" / "model_last.pth")) == 0
+    assert_same_run(last(tmp_path / "straight"), last(tmp_path / "split"))
+
+
+def test_torchrun_trains_with_two_cpu_processes(cohort, tmp_path):
+    save = tmp_path / "ddp"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(ROOT, "train_poly.py"), "--datapath", cohort[1], "--savepath", str(save), "--device", "cpu",
+            "--num_workers", "0", "--no_progress", "--num_epochs", "1", "--iter_per_epoch", "2"] + TINY
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("epoch 1/1") == 1 and "on each of 2 processes" in proc.stdout  # rank 0 logs
+    assert sorted(os.listdir(save)) == ["best.pth", "model_last.pth", "summary"]
+    ckpt = last(save)
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 2) and not any(k.startswith("module.") for k in ckpt["state_dict"])
+    # the validation Dice gathered over the two ranks equals one process's
+    model, _ = load_model(str(save / "best.pth"))
+    dice = training.validate(model, EvalDataset(cohort[1], os.path.join(cohort[1], "splits", "val15splits.csv")))
+    assert ckpt["val_Dice_best"] == pytest.approx(sum(dice.values()) / 3, abs=1e-6)
+
+
+def test_amp_trains_in_bf16_autocast_with_float32_weights(cohort, tmp_path):
+    assert train(cohort[1], tmp_path, "--num_epochs", "1", "--iter_per_epoch", "1", "--val_file", "", "--amp") == 0
+    ckpt = last(tmp_path)
+    torch.manual_seed(999)
+    initial = build_model("imfuse", **ckpt["config"]).state_dict()
+    assert all(v.dtype == initial[k].dtype for k, v in ckpt["state_dict"].items())
+    assert any(not torch.equal(v, initial[k]) for k, v in ckpt["state_dict"].items())
+
+
+def test_a_truncated_case_file_is_one_line_in_train_and_test(cohort, tmp_path, capsys):
+    npy = tmp_path / "npy"
+    shutil.copytree(cohort[1], npy)
+    case = EvalDataset(str(npy), os.path.join(npy, "splits", "test15splits.csv")).entries[0][0]
+    vol = npy / "vol" / f"{case}_vol.npy"
+    with open(vol, "r+b") as f:
+        f.truncate(os.path.getsize(vol) // 2)
+    assert train(str(npy), tmp_path / "run", "--num_epochs", "1", "--iter_per_epoch", "1", "--val_file", "",
+                 "--train_file", os.path.join(npy, "splits", "test15splits.csv")) == 1
+    config = {"num_classes": 4, "patch_size": P, "width": 2, "dim": 8, "heads": 1, "mlp_dim": 16}
+    save_checkpoint(str(tmp_path / "model.pth"), {"model": "imfuse", "config": config,
+                                                  "state_dict": build_model("imfuse", **config).state_dict()})
+    assert run_test(str(npy), tmp_path / "model.pth", tmp_path / "out") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(f"{case}_vol.npy: unreadable" in line for line in err)
+    assert err[0].startswith("train_poly.py: ") and err[1].startswith("test.py: ")
+    assert not (tmp_path / "out").exists()

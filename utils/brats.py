@@ -10,6 +10,8 @@ MODALITY_SUFFIXES = ("t2f", "t1c", "t1n", "t2w")
 # Attribute prefixes of the modalities in checkpoints of the original IM-Fuse / mmFormer code
 CHECKPOINT_NAMES = ("flair", "t1ce", "t1", "t2")
 SEG_SUFFIX = "seg"
+# How file names end for each modality (BraTS 2023, then the 2018-2021 editions): -t2f, _flair, ...
+MODALITY_ALIASES = (("t2f", "flair"), ("t1c", "t1ce", "t1gd"), ("t1n", "t1"), ("t2w", "t2"))
 
 # The 15 non-empty subsets as masks in MODALITIES order, numbered 1-15 as in the paper.
 SUBSETS = (

@@ -2,8 +2,10 @@
 
 A train_poly.py checkpoint keeps the original's keys ("epoch": the last finished epoch,
 0-based; "state_dict"; "optim_dict"; "val_Dice_best") and adds what makes it
-self-describing: "model" (registry name) and "config" (constructor arguments), "step"
-(TensorBoard step), "seed" and "rng" (torch's random states). Everything is tensors and
+self-describing and resumable: "model" (registry name) and "config" (constructor arguments),
+"seed", "step" (TensorBoard step), "iteration" and "sums" (iterations done in the next epoch
+and their loss sums, when a signal stopped the run mid-epoch; 0 and {} otherwise). The random
+states follow from seed, epoch and iteration (utils/training.py). Everything is tensors and
 plain Python values, so it loads with weights_only=True.
 """
 import os
@@ -46,19 +48,6 @@ def is_own(ckpt):
     return "model" in ckpt and "config" in ckpt
 
 
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def load_model(path, name="imfuse", **config):
     """(model in eval mode on the CPU, checkpoint dict) from a train_poly.py checkpoint (its
     own model and configuration; `name` and `config` are ignored) or from one of the original
@@ -77,3 +66,23 @@ def load_model(path, name="imfuse", **config):
         except ReferenceCheckpointError as err:
             raise CheckpointError(f"{path}: {err}")
     return model.eval(), ckpt
+
+
+def add_original_flags(parser):
+    """The flags that describe a checkpoint of the original code (which does not record its
+    model): --model --patch_size --interleaved_tokenization --mamba_skip --first_skip."""
+    group = parser.add_argument_group("checkpoints of the original code (ours describe their model)")
+    group.add_argument("--model", default="imfuse", help="imfuse or mmformer")
+    group.add_argument("--patch_size", type=int, default=128)
+    group.add_argument("--interleaved_tokenization", action="store_true", help="I-MFB")
+    group.add_argument("--mamba_skip", action="store_true", help="Mamba fusion of the skips")
+    group.add_argument("--first_skip", action="store_true", help="a level-1 skip connection")
+
+
+def load_model_from_args(args):
+    """load_model(args.resume, ...) with the flags of add_original_flags."""
+    config = {"patch_size": args.patch_size}
+    if args.model == "imfuse":
+        config.update(interleaved=args.interleaved_tokenization, mamba_skip=args.mamba_skip,
+                      first_skip=args.first_skip)
+    return load_model(args.resume, args.model, **config)

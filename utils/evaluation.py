@@ -19,7 +19,7 @@ SUMMARY_FIELDS = ("subset", "mask", "cases") + DICE + HD95
 
 
 @torch.no_grad()
-def predict_subsets(model, volume, subsets, batch_size=1):
+def predict_subsets(model, volume, subsets, batch_size=1, progress=False):
     """volume (M, X, Y, Z) -> probabilities (S, K, X, Y, Z), one per subset, on the model's
     device. Each window is encoded once, without the encoders of modalities that no subset
     uses, and decoded once per subset."""
@@ -29,21 +29,22 @@ def predict_subsets(model, volume, subsets, batch_size=1):
     def predict(windows):  # (B, M, P, P, P) -> (B, S, K, P, P, P)
         B = windows.shape[0]
         features = model.encode(windows, masks.any(0).expand(B, -1))
-        return torch.stack([model.decode(features, m.expand(B, -1)) for m in masks], dim=1)
+        return torch.stack([model.decode(features, m.expand(B, -1)).float() for m in masks], dim=1)
 
     return sliding_window(volume.to(device, torch.float32), model.patch_size, predict,
-                          batch_size=batch_size)
+                          batch_size=batch_size, progress=progress)
 
 
 def evaluate(model, dataset, subsets=None, batch_size=1, distances=True, progress=True,
-             on_case=None):
-    """Segment every case of an EvalDataset with each of `subsets` (default: the case's
-    assigned subset) -> result rows {case, subset, mask, WT, TC, ET, ETpp[, HD95_*]}.
+             on_case=None, indices=None):
+    """Segment every case (or those at `indices`) of an EvalDataset with each of `subsets`
+    (default: the case's assigned subset) -> result rows {case, subset, mask, WT, TC, ET,
+    ETpp[, HD95_*]}.
     on_case(sample, meta, subsets, labels (S, X, Y, Z) uint8) is called after each case."""
     was_training = model.training
     model.eval()
     rows = []
-    for index in tqdm(range(len(dataset)), desc="evaluate", unit="case", disable=not progress):
+    for index in tqdm(range(len(dataset)) if indices is None else indices, desc="evaluate", unit="case", disable=not progress):
         sample = dataset[index]
         meta = read_meta(dataset.root, sample["name"])
         spacing = meta["spacing"] if meta else (1, 1, 1)
@@ -88,8 +89,9 @@ def summary_markdown(summary):
     return "\n".join(lines) + "\n"
 
 
-def uncrop(cropped, meta):
-    """A label map of the cropped volume placed back into the original grid (zeros outside)."""
-    full = np.zeros(meta["original_shape"], dtype=cropped.dtype)
-    full[tuple(slice(lo, hi) for lo, hi in meta["crop_box"])] = cropped
+def uncrop(cropped, shape, box):
+    """cropped (..., x, y, z) placed back at the crop box `box` of the native grid `shape`
+    (X, Y, Z) -> (..., X, Y, Z), zeros outside."""
+    full = np.zeros(cropped.shape[:-3] + tuple(shape), dtype=cropped.dtype)
+    full[(...,) + tuple(slice(lo, hi) for lo, hi in box)] = cropped
     return full

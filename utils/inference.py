@@ -5,6 +5,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 def window_starts(dim, patch, stride):
@@ -15,11 +16,11 @@ def window_starts(dim, patch, stride):
     return starts
 
 
-def sliding_window(volume, patch_size, predict, stride=None, batch_size=1):
+def sliding_window(volume, patch_size, predict, stride=None, batch_size=1, progress=False):
     """volume (M, X, Y, Z) -> averaged outputs (S, K, X, Y, Z), where predict maps a batch of
     windows (B, M, P, P, P) to (B, S, K, P, P, P) (S outputs per window, e.g. one per modality
     subset); B <= batch_size. Axes shorter than P are padded by replicating the border, and
-    cropped back afterwards."""
+    cropped back afterwards. progress: a progress bar over the windows."""
     P = patch_size
     stride = stride or P // 2
     dims = volume.shape[1:]
@@ -29,6 +30,7 @@ def sliding_window(volume, patch_size, predict, stride=None, batch_size=1):
     starts = list(itertools.product(*(window_starts(d, P, stride) for d in volume.shape[1:])))
     total = None
     count = torch.zeros(volume.shape[1:], dtype=volume.dtype, device=volume.device)
+    bar = tqdm(total=len(starts), desc="sliding window", unit="window", disable=not progress, leave=False)
     for i in range(0, len(starts), batch_size):
         batch = starts[i:i + batch_size]
         out = predict(torch.stack([volume[:, x:x + P, y:y + P, z:z + P] for x, y, z in batch]))
@@ -37,4 +39,6 @@ def sliding_window(volume, patch_size, predict, stride=None, batch_size=1):
         for (x, y, z), o in zip(batch, out):
             total[:, :, x:x + P, y:y + P, z:z + P] += o
             count[x:x + P, y:y + P, z:z + P] += 1
+        bar.update(len(batch))
+    bar.close()
     return (total / count.to(total.dtype))[:, :, :dims[0], :dims[1], :dims[2]]

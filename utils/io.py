@@ -37,10 +37,15 @@ def write_text(path, text):
         f.write(text)
 
 
-def save_nifti(path, data, affine):
-    """data (X, Y, Z) with the given 4x4 affine -> NIfTI (.nii or .nii.gz), qform and sform set."""
+def nifti_image(data, affine):
+    """data (X, Y, Z[, C]) with the given 4x4 affine -> Nifti1Image, qform and sform set."""
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
+    return img
+
+
+def save_nifti(path, data, affine):
+    """data with the given 4x4 affine -> NIfTI (.nii or .nii.gz) at path."""
     with atomic_path(path) as tmp:
-        nib.save(img, tmp)
+        nib.save(nifti_image(data, affine), tmp)

@@ -8,6 +8,8 @@ the backward pass recomputes one chunk of states from there and runs the adjoint
 recurrence backwards, so its memory does not grow with the state size times the length.
 Arithmetic is float64 inside the kernels whatever the input dtype.
 """
+import contextlib
+
 import numba
 import numpy as np
 import torch
@@ -233,7 +235,22 @@ def _backward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, precise, chunk, 
             dbias[d] = dbias_acc[d - lo]
 
 
+@contextlib.contextmanager
+def _torch_threads():
+    """Run kernels on as many threads as torch uses (OMP_NUM_THREADS: 1 per process under
+    torchrun) and leave torch's count as it was: numba's OpenMP layer shares libgomp with
+    torch and sets both counts to NUMBA_NUM_THREADS (every core) when its pool starts."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, threads)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def _groups(nd):
+    """Work groups for the kernels: one per thread."""
     return max(1, min(numba.get_num_threads(), nd))
 
 
@@ -250,10 +267,11 @@ class _NumbaScan(torch.autograd.Function):
         Ct = C.detach().transpose(1, 2).contiguous()
         out = torch.empty_like(u)
         ckpt = u.new_empty(nb, nd, -(-L // chunk_size), A.shape[1], dtype=torch.float64)
-        _forward(u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), Dv.numpy(),
-                 zv.numpy(), bias.numpy(), z is not None, bool(delta_softplus),
-                 u.dtype == torch.float64, chunk_size,
-                 _groups(nd), out.numpy(), ckpt.numpy())
+        with _torch_threads():
+            _forward(u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), Dv.numpy(),
+                     zv.numpy(), bias.numpy(), z is not None, bool(delta_softplus),
+                     u.dtype == torch.float64, chunk_size,
+                     _groups(nd), out.numpy(), ckpt.numpy())
         ctx.save_for_backward(u, delta, A, Bt, Ct, Dv, zv, bias, ckpt)
         ctx.flags = (D is not None, z is not None, delta_bias is not None,
                      bool(delta_softplus), chunk_size)
@@ -265,18 +283,19 @@ class _NumbaScan(torch.autograd.Function):
         has_D, has_z, has_bias, softplus, chunk_size = ctx.flags
         nb, nd, L = u.shape
         N = A.shape[1]
-        groups = _groups(nd)
-        du = torch.empty_like(u)
-        ddelta = torch.empty_like(du)
-        dz = torch.zeros_like(zv)
-        f64 = dict(dtype=torch.float64)
-        dA, dD, dbias = torch.empty(nd, N, **f64), torch.empty(nd, **f64), torch.empty(nd, **f64)
-        dBt = u.new_zeros(groups, nb, L, N)
-        dCt = u.new_zeros(groups, nb, L, N)
-        _backward(*(t.numpy() for t in (u, delta, A, Bt, Ct, Dv, zv, bias)), has_z, softplus,
-                  u.dtype == torch.float64, chunk_size, ckpt.numpy(), dout.to(u.dtype).contiguous().numpy(),
-                  du.numpy(), ddelta.numpy(), dz.numpy(), dA.numpy(), dD.numpy(), dbias.numpy(),
-                  dBt.numpy(), dCt.numpy())
+        with _torch_threads():
+            groups = _groups(nd)
+            du = torch.empty_like(u)
+            ddelta = torch.empty_like(du)
+            dz = torch.zeros_like(zv)
+            f64 = dict(dtype=torch.float64)
+            dA, dD, dbias = torch.empty(nd, N, **f64), torch.empty(nd, **f64), torch.empty(nd, **f64)
+            dBt = u.new_zeros(groups, nb, L, N)
+            dCt = u.new_zeros(groups, nb, L, N)
+            _backward(*(t.numpy() for t in (u, delta, A, Bt, Ct, Dv, zv, bias)), has_z, softplus,
+                      u.dtype == torch.float64, chunk_size, ckpt.numpy(), dout.to(u.dtype).contiguous().numpy(),
+                      du.numpy(), ddelta.numpy(), dz.numpy(), dA.numpy(), dD.numpy(), dbias.numpy(),
+                      dBt.numpy(), dCt.numpy())
         dtype = u.dtype
         dB = dBt.sum(0).transpose(1, 2).to(dtype)
         dC = dCt.sum(0).transpose(1, 2).to(dtype)

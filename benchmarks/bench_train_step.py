@@ -1,0 +1,74 @@
+"""Seconds per training step and peak memory of a model (the GPU figures of the README).
+
+    python benchmarks/bench_train_step.py [--device cuda] [--patch-size 128] [--amp]
+        [--scan torch|mamba_ssm|numba|auto] [--steps 5]
+
+One step is what train_poly.py does per iteration: forward in train mode (fused, auxiliary
+and deep-supervision outputs), the summed loss, backward and an RAdam step, batch 1, a random
+modality subset. Defaults: IM-Fuse in the paper configuration. Prints the median over the
+steps after two warm-up steps, and the peak memory: allocated by torch on CUDA, the process's
+resident set on the CPU.
+"""
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models import build_model  # noqa: E402
+from models.scan import BACKENDS, ENV_VAR  # noqa: E402
+from utils.brats import SUBSETS  # noqa: E402
+from utils.losses import total_loss  # noqa: E402
+
+PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="imfuse", choices=sorted(PAPER))
+    p.add_argument("--patch-size", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--scan", choices=("auto",) + BACKENDS, default="auto", help="selective-scan backend")
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+    os.environ[ENV_VAR] = args.scan
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    P = args.patch_size
+    model = build_model(args.model, patch_size=P, **PAPER[args.model]).to(device).train()
+    optimizer = torch.optim.RAdam(model.parameters(), lr=2e-4, weight_decay=3e-5)
+    x = torch.randn(1, 4, P, P, P, device=device)
+    label = torch.randint(0, 4, (1, P, P, P), device=device)
+    times = []
+    for i in range(args.steps + 2):
+        mask = torch.tensor([SUBSETS[i % len(SUBSETS)]], device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, _ = total_loss(model(x, mask), label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times = times[2:]
+    if cuda:
+        peak = f"peak allocated {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB ({torch.cuda.get_device_name(device)})"
+    else:
+        peak = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB ({torch.get_num_threads()} threads)"
+    print(f"{args.model} {PAPER[args.model]}, P={P}, {device}, {'bf16 autocast' if args.amp else 'float32'}, "
+          f"scan {args.scan}: median {statistics.median(times):.3f} s per training step over {len(times)} "
+          f"(min {min(times):.3f} s); {peak}")
+
+
+if __name__ == "__main__":
+    main()
