@@ -27,7 +27,7 @@ bench: $(VENV)/.installed  ## selective-scan, forward-pass, data-loader and subs
 DEMO ?= demo
 DEMO_MODEL := --patch_size 32 --interleaved_tokenization --mamba_skip --width 4 --dim 64 \
 	--heads 4 --mlp_dim 128 --dropout 0
-demo: $(VENV)/.installed  ## synthetic cohort -> preprocess -> train -> 15-subset table (CPU, ~12 min)
+demo: $(VENV)/.installed  ## synthetic cohort -> preprocess -> train -> 15-subset table (CPU, ~8 min)
 	rm -rf $(DEMO)
 	$(PY) -m data.synthetic --out $(DEMO)/raw --cases 30 --seed 0 --size 64 64 48 --workers 2
 	$(PY) preprocess.py --input-path $(DEMO)/raw --output-path $(DEMO)/data --min-size 32 --workers 2

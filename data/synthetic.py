@@ -18,16 +18,15 @@ Every geometric constant below is in mm at the default 240 x 240 x 155 grid; for
 """
 
 import argparse
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
 from utils.brats import MODALITY_SUFFIXES, SEG_SUFFIX
+from utils.io import save_nifti
 
 # ---- Sizes and geometry (mm at DEFAULT_SIZE; see _scale) -----------------------------------
 DEFAULT_SIZE = (240, 240, 155)  # BraTS grid (x, y, z), 1 mm isotropic
@@ -173,17 +172,6 @@ def _render(rng, tissue, box, texture, suffix):
     return np.where(brain, np.clip(np.rint(image), 1, np.iinfo(np.int16).max), 0).astype(np.int16)
 
 
-def _save(array, matrix, path):
-    """Write a NIfTI file atomically (temporary name in the same folder, then os.replace)."""
-    img = nib.Nifti1Image(array, matrix)
-    img.set_qform(matrix, code=1)
-    img.set_sform(matrix, code=1)
-    img.header.set_zooms((1.0, 1.0, 1.0))
-    tmp = path.with_name(f".tmp-{path.name}")  # keeps the .nii.gz ending nibabel needs
-    img.to_filename(tmp)
-    os.replace(tmp, path)
-
-
 def case_name(index):
     """BraTS 2023 GLI case name, e.g. BraTS-GLI-00007-000."""
     return f"BraTS-GLI-{index:05d}-000"
@@ -200,8 +188,8 @@ def make_case(out_dir, index, seed, size=DEFAULT_SIZE):
     folder.mkdir(parents=True, exist_ok=True)
     matrix = affine(size)
     for suffix in MODALITY_SUFFIXES:
-        _save(_render(rng, tissue, box, texture, suffix), matrix, folder / f"{folder.name}-{suffix}.nii.gz")
-    _save(SEG_OF_TISSUE[tissue], matrix, folder / f"{folder.name}-{SEG_SUFFIX}.nii.gz")
+        save_nifti(folder / f"{folder.name}-{suffix}.nii.gz", _render(rng, tissue, box, texture, suffix), matrix)
+    save_nifti(folder / f"{folder.name}-{SEG_SUFFIX}.nii.gz", SEG_OF_TISSUE[tissue], matrix)
     return folder
 
 
