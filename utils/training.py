@@ -14,6 +14,7 @@ Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel 
 GPUs, gloo on the CPU); each rank takes every world-th sample of the epoch's order and
 validates every world-th case; rank 0 alone logs and writes checkpoints.
 """
+import contextlib
 import math
 import os
 import signal
@@ -114,10 +115,22 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT/SIGTERM held back while DataLoader workers start (they inherit the mask), so that
+    none dies of a signal before _ignore_signals; the main process gets them afterwards."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopRequest.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _ignore_signals(worker_id):
     """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops them."""
     for s in StopRequest.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, StopRequest.SIGNALS)
 
 
 class Run:
@@ -271,7 +284,9 @@ def _train_epoch(cfg, run, net, optimizer, loader, writer, state, epoch, iters, 
     loader.dataset.set_epoch(epoch)
     net.train()
     start = time.perf_counter()
-    bar = tqdm(loader, initial=first, total=iters, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", unit="it",
+    with _signals_held():
+        batches = iter(loader)  # starts the workers
+    bar = tqdm(batches, initial=first, total=iters, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", unit="it",
                disable=not (cfg.progress and run.main), leave=False)
     for i, batch in enumerate(bar, start=first):
         if run.any(stop.requested):
