@@ -80,16 +80,16 @@ def main(argv=None):
         dataset = EvalDataset(args.datapath, test_file)
         rows = evaluate(model.to(device), dataset, subsets, args.batch_size,
                         progress=not args.no_progress, on_case=case_writer(args.savepath, args.save_nifti))
-    except (CaseError, CheckpointError, FileNotFoundError, ValueError) as err:
+        summary = summarize(rows)
+        write_csv(os.path.join(args.savepath, "results.csv"), rows, RESULT_FIELDS)
+        write_csv(os.path.join(args.savepath, "summary.csv"), summary, SUMMARY_FIELDS)
+        table = summary_markdown(summary)
+        epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else ""
+        write_text(os.path.join(args.savepath, "summary.md"),
+                   f"# {os.path.basename(args.resume)}{epoch}: {len(dataset)} test cases\n\n{table}")
+    except (CaseError, CheckpointError, OSError, ValueError) as err:  # OSError: also an unwritable savepath
         print(f"test.py: {err}", file=sys.stderr)
         return 1
-    summary = summarize(rows)
-    write_csv(os.path.join(args.savepath, "results.csv"), rows, RESULT_FIELDS)
-    write_csv(os.path.join(args.savepath, "summary.csv"), summary, SUMMARY_FIELDS)
-    table = summary_markdown(summary)
-    epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else ""
-    write_text(os.path.join(args.savepath, "summary.md"),
-               f"# {os.path.basename(args.resume)}{epoch}: {len(dataset)} test cases\n\n{table}")
     print(table, end="")
     return 0
 

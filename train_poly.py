@@ -90,7 +90,7 @@ def main(argv=None):
                       progress=not args.no_progress)
     try:
         state = train(cfg)
-    except (CaseError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as err:
+    except (CaseError, CheckpointError, TrainingError, OSError, ValueError) as err:
         print(f"train_poly.py: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
