@@ -175,3 +175,23 @@ def test_numba_kernel_keeps_torchs_thread_count():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"})
     assert out.stdout.split() == ["1"]
+
+
+def test_float32_exponential_of_the_numba_kernel():
+    """The decays of float32 inputs: exp in float32 arithmetic, within 3e-7 of the exact
+    exponential of the float32-rounded argument."""
+    import numpy as np
+    from numba import njit
+
+    from models.scan.cpu_numba import _exp_block32
+
+    @njit
+    def run(x, out, bits):
+        _exp_block32(x, out, bits, x.size)
+
+    x = np.concatenate([np.linspace(-87, 88, 20001), -np.logspace(-8, 0, 101), [0.0]])
+    out, bits = np.empty_like(x), np.empty(x.size, np.int64)
+    run(x, out, bits)
+    assert np.max(np.abs(out / np.exp(x.astype(np.float32).astype(np.float64)) - 1)) < 3e-7
+    run(np.array([-300.0, -1e30]), out[:2], bits[:2])
+    assert 0 < out[0] < 2e-38 and 0 < out[1] < 2e-38  # clamped below -87: at most exp(-87)
