@@ -6,9 +6,10 @@ the decays exp(delta * A) of a chunk come from an exponential written so that LL
 vectorises it (no library call). The forward pass keeps the state at every chunk start;
 the backward pass recomputes one chunk of states from there and runs the adjoint
 recurrence backwards, so its memory does not grow with the state size times the length.
-Arithmetic is float64 inside the kernels whatever the input dtype, except the decays of
-float32 inputs, which come from a float32 exponential (twice the vector lanes; relative
-error about 3e-7 + |x| * 6e-8, like the float32 exp of mamba-ssm's CUDA kernel).
+States, step sizes and per-step arithmetic are in the input's dtype (float32 for float32
+inputs, as in mamba-ssm's CUDA kernel; float64 for float64), the decays of float32 inputs
+come from a float32 exponential (twice the vector lanes; relative error about
+3e-7 + |x| * 6e-8), and the sums over time (gradients of A, D and delta_bias) are float64.
 """
 import contextlib
 import math
@@ -144,9 +145,11 @@ def _forward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, precise, chunk, g
     for g in prange(groups):
         lo = g * nd // groups
         hi = (g + 1) * nd // groups
-        h = np.empty((hi - lo, N))
+        h = np.empty((hi - lo, N), u.dtype)
+        zero = np.zeros(1, u.dtype)[0]  # a 0 of the input's dtype (a literal 0.0 is float64)
         raw, tmp, e = np.empty(chunk), np.empty(chunk), np.empty(chunk)
-        dts, ddts, gate, dgate = np.empty(chunk), np.empty(chunk), np.empty(chunk), np.empty(chunk)
+        dts, ddts = np.empty(chunk, u.dtype), np.empty(chunk, u.dtype)
+        gate, dgate = np.empty(chunk, u.dtype), np.empty(chunk, u.dtype)
         arg, decay = np.empty(chunk * N, u.dtype), np.empty(chunk * N, u.dtype)  # float32 for float32 inputs
         bits = np.empty(chunk * N, np.int64)
         for b in range(nb):
@@ -166,7 +169,7 @@ def _forward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, precise, chunk, g
                         B_row = Bt[b, t]
                         C_row = Ct[b, t]
                         a_row = decay[i * N:(i + 1) * N]
-                        y = 0.0
+                        y = zero
                         for n in range(N):
                             hd[n] = a_row[n] * hd[n] + x * B_row[n]
                             y += hd[n] * C_row[n]
@@ -190,11 +193,13 @@ def _backward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, precise, chunk, 
         lo = g * nd // groups
         hi = (g + 1) * nd // groups
         raw, tmp, e = np.empty(chunk), np.empty(chunk), np.empty(chunk)
-        dts, ddts, gate, dgate = np.empty(chunk), np.empty(chunk), np.empty(chunk), np.empty(chunk)
+        dts, ddts = np.empty(chunk, u.dtype), np.empty(chunk, u.dtype)
+        gate, dgate = np.empty(chunk, u.dtype), np.empty(chunk, u.dtype)
         arg, decay = np.empty(chunk * N, u.dtype), np.empty(chunk * N, u.dtype)  # float32 for float32 inputs
         bits = np.empty(chunk * N, np.int64)
-        hs = np.empty((chunk + 1) * N)  # hs[(i + 1) * N + n] = h at t0 + i; row 0: chunk start
-        dh = np.empty((hi - lo, N))  # gradient reaching each state from later time steps
+        zero = np.zeros(1, u.dtype)[0]  # a 0 of the input's dtype (a literal 0.0 is float64)
+        hs = np.empty((chunk + 1) * N, u.dtype)  # hs[(i + 1) * N + n] = h at t0 + i; row 0: chunk start
+        dh = np.empty((hi - lo, N), u.dtype)  # gradient reaching each state from later time steps
         dA_acc = np.zeros((hi - lo, N))
         dD_acc = np.zeros(hi - lo)
         dbias_acc = np.zeros(hi - lo)
@@ -234,8 +239,8 @@ def _backward(u, delta, A, Bt, Ct, D, z, bias, has_z, softplus, precise, chunk, 
                             dy = dy * gate[i]
                         dD_acc[k] += dy * uu
                         dtu = dt * uu
-                        wa = 0.0  # sum_n dL/d(decay) * decay * A
-                        hb = 0.0  # sum_n dL/dh * B
+                        wa = zero  # sum_n dL/d(decay) * decay * A
+                        hb = zero  # sum_n dL/dh * B
                         dC_row = dCt_part[g, b, t]
                         dB_row = dBt_part[g, b, t]
                         B_row = Bt[b, t]
@@ -295,7 +300,7 @@ class _NumbaScan(torch.autograd.Function):
         Bt = B.detach().transpose(1, 2).contiguous()  # (b, l, n)
         Ct = C.detach().transpose(1, 2).contiguous()
         out = torch.empty_like(u)
-        ckpt = u.new_empty(nb, nd, -(-L // chunk_size), A.shape[1], dtype=torch.float64)
+        ckpt = u.new_empty(nb, nd, -(-L // chunk_size), A.shape[1])
         with _torch_threads():
             _forward(u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), Dv.numpy(),
                      zv.numpy(), bias.numpy(), z is not None, bool(delta_softplus),
