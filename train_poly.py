@@ -11,7 +11,6 @@ iteration, saves model_last.pth and exits with status 128 + the signal number. U
 """
 import argparse
 import inspect
-import os
 import sys
 
 from data.preprocessing import CaseError
@@ -99,10 +98,6 @@ def main(argv=None):
         return 130
     if state.get("stopped"):
         return 128 + state["stopped"]
-    best = state["val_Dice_best"]
-    if os.environ.get("RANK", "0") == "0":
-            print(f"done: {state['epoch'] + 1} epochs" + (f", best validation Dice {best:.4f}" if best > -1 else "")
-              + f"; checkpoints in {args.savepath}")
     return 0
 
 

@@ -14,12 +14,12 @@ from data.preprocessing import CaseError, preprocess_case, read_meta
 from data.synthetic import make_cohort
 from models import build_model
 from test_training import P, script
+from test_training import TINY_CONFIG as CONFIG
 from utils.brats import MODALITY_SUFFIXES
 from utils.checkpoint import save_checkpoint
 from utils.evaluation import predict_subsets, uncrop
 
-CONFIG = {"num_classes": 4, "patch_size": P, "interleaved": True, "mamba_skip": True, "width": 2,
-          "dim": 8, "heads": 1, "mlp_dim": 16}
+
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,15 @@
 import itertools
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
+from numba import njit
 
 from models.scan import ENV_VAR, resolve_backend, selective_scan
-from models.scan.cpu_numba import selective_scan_numba
+from models.scan.cpu_numba import _exp_block32, selective_scan_numba
 from models.scan.parallel_torch import selective_scan_torch
 from scan_reference import recurrence
 
@@ -163,9 +168,6 @@ def test_float32_under_autocast(backend):
 def test_numba_kernel_keeps_torchs_thread_count():
     """numba's OpenMP pool shares libgomp with torch; starting it must not raise torch's
     thread count (1 per process under torchrun) to every core."""
-    import os
-    import subprocess
-    import sys
     code = ("import torch\n"
             "from models.scan.cpu_numba import selective_scan_numba as scan\n"
             "u = torch.randn(1, 4, 64, requires_grad=True)\n"
@@ -180,10 +182,6 @@ def test_numba_kernel_keeps_torchs_thread_count():
 def test_float32_exponential_of_the_numba_kernel():
     """The decays of float32 inputs: exp in float32 arithmetic, within 3e-7 of the exact
     exponential of the float32-rounded argument."""
-    import numpy as np
-    from numba import njit
-
-    from models.scan.cpu_numba import _exp_block32
 
     @njit
     def run(x, out, bits):

@@ -27,6 +27,8 @@ from utils.inference import sliding_window
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P = 32  # the smallest trainable patch: instance norm needs a bottleneck of 2^3
+TINY_CONFIG = {"num_classes": 4, "patch_size": P, "interleaved": True, "mamba_skip": True, "width": 2,
+               "dim": 8, "heads": 1, "mlp_dim": 16}  # the model of TINY
 TINY = ["--patch_size", str(P), "--width", "2", "--dim", "8", "--heads", "1", "--mlp_dim", "16",
         "--interleaved_tokenization", "--mamba_skip"]
 
@@ -316,9 +318,8 @@ def test_a_truncated_case_file_is_one_line_in_train_and_test(cohort, tmp_path, c
         f.truncate(os.path.getsize(vol) // 2)
     assert train(str(npy), tmp_path / "run", "--num_epochs", "1", "--iter_per_epoch", "1", "--val_file", "",
                  "--train_file", os.path.join(npy, "splits", "test15splits.csv")) == 1
-    config = {"num_classes": 4, "patch_size": P, "width": 2, "dim": 8, "heads": 1, "mlp_dim": 16}
-    save_checkpoint(str(tmp_path / "model.pth"), {"model": "imfuse", "config": config,
-                                                  "state_dict": build_model("imfuse", **config).state_dict()})
+    save_checkpoint(str(tmp_path / "model.pth"), {"model": "imfuse", "config": TINY_CONFIG,
+                                                  "state_dict": build_model("imfuse", **TINY_CONFIG).state_dict()})
     assert run_test(str(npy), tmp_path / "model.pth", tmp_path / "out") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(f"{case}_vol.npy: unreadable" in line for line in err)

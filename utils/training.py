@@ -271,6 +271,9 @@ def _train(cfg, run, log):
     finally:
         if writer:
             writer.close()
+    best = state["val_Dice_best"]
+    log(f"done: {state['epoch'] + 1} epochs" + (f", best validation Dice {best:.4f}" if best > -1 else "")
+        + f"; checkpoints in {cfg.savepath}")
     return state
 
 
