@@ -143,6 +143,18 @@ def _load_tile(X, b, t0, m, tile):
             tile[i * N + n] = row[t0 + i]
 
 
+@njit(fastmath=_FASTMATH, inline="always", cache=True)
+def _chunk_scratch(chunk, N, u):
+    """One thread's per-chunk buffers, shared by both kernels: float64 work arrays for the
+    gates; step sizes, gates and their derivatives; decay arguments and decays (input's
+    dtype); int64 bits for the exponential; time-major tiles of B and C."""
+    step, state = chunk, chunk * N
+    return (np.empty(step), np.empty(step), np.empty(step),
+            np.empty(step, u.dtype), np.empty(step, u.dtype), np.empty(step, u.dtype),
+            np.empty(step, u.dtype), np.empty(state, u.dtype), np.empty(state, u.dtype),
+            np.empty(state, np.int64), np.empty(state, u.dtype), np.empty(state, u.dtype))
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _forward(u, delta, A, B, C, D, z, bias, has_z, softplus, precise, chunk, groups, out, ckpt):
     """u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); D, bias: (d,).
@@ -159,12 +171,7 @@ def _forward(u, delta, A, B, C, D, z, bias, has_z, softplus, precise, chunk, gro
         hi = (g + 1) * nd // groups
         h = np.empty((hi - lo, N), u.dtype)
         zero = np.zeros(1, u.dtype)[0]  # a 0 of the input's dtype (a literal 0.0 is float64)
-        raw, tmp, e = np.empty(chunk), np.empty(chunk), np.empty(chunk)
-        dts, ddts = np.empty(chunk, u.dtype), np.empty(chunk, u.dtype)
-        gate, dgate = np.empty(chunk, u.dtype), np.empty(chunk, u.dtype)
-        arg, decay = np.empty(chunk * N, u.dtype), np.empty(chunk * N, u.dtype)  # float32 for float32 inputs
-        bits = np.empty(chunk * N, np.int64)
-        Bc, Cc = np.empty(chunk * N, u.dtype), np.empty(chunk * N, u.dtype)
+        raw, tmp, e, dts, ddts, gate, dgate, arg, decay, bits, Bc, Cc = _chunk_scratch(chunk, N, u)
         for b in range(nb):
             h[:] = 0.0
             for c in range(ckpt.shape[2]):
@@ -207,13 +214,8 @@ def _backward(u, delta, A, B, C, D, z, bias, has_z, softplus, precise, chunk, ck
     for g in prange(groups):
         lo = g * nd // groups
         hi = (g + 1) * nd // groups
-        raw, tmp, e = np.empty(chunk), np.empty(chunk), np.empty(chunk)
-        dts, ddts = np.empty(chunk, u.dtype), np.empty(chunk, u.dtype)
-        gate, dgate = np.empty(chunk, u.dtype), np.empty(chunk, u.dtype)
-        arg, decay = np.empty(chunk * N, u.dtype), np.empty(chunk * N, u.dtype)  # float32 for float32 inputs
-        bits = np.empty(chunk * N, np.int64)
+        raw, tmp, e, dts, ddts, gate, dgate, arg, decay, bits, Bc, Cc = _chunk_scratch(chunk, N, u)
         zero = np.zeros(1, u.dtype)[0]  # a 0 of the input's dtype (a literal 0.0 is float64)
-        Bc, Cc = np.empty(chunk * N, u.dtype), np.empty(chunk * N, u.dtype)
         dBc, dCc = np.empty(chunk * N, u.dtype), np.empty(chunk * N, u.dtype)
         hs = np.empty((chunk + 1) * N, u.dtype)  # hs[(i + 1) * N + n] = h at t0 + i; row 0: chunk start
         dh = np.empty((hi - lo, N), u.dtype)  # gradient reaching each state from later time steps
