@@ -90,6 +90,24 @@ def test_backends_agree_at_batch_and_length():
         torch.testing.assert_close(gn[name], gt[name], rtol=2e-3, atol=2e-3, msg=name)
 
 
+def test_numba_largest_d_state_and_beyond():
+    """The kernel's chunk shrinks with d_state (its per-thread buffers hold a fixed number
+    of steps x states): at the largest d_state it takes, one step per chunk; above it, a
+    clear error."""
+    from models.scan.cpu_numba import _STACK_STATES
+    largest = _STACK_STATES // 2
+    tensors, _ = make_inputs(1, 2, largest, 5, (True, True, True, True))
+    ref = recurrence(**tensors, delta_softplus=True)
+    out = selective_scan_numba(**tensors, delta_softplus=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g_out, g_ref = grads(out, tensors), grads(ref, tensors)
+    for name in g_ref:
+        torch.testing.assert_close(g_out[name], g_ref[name], rtol=1e-9, atol=1e-9, msg=name)
+    too_big, _ = make_inputs(1, 2, largest + 1, 3, (False, False, False, True))
+    with pytest.raises(ValueError, match=f"d_state up to {largest}, got {largest + 1}"):
+        selective_scan_numba(**too_big, delta_softplus=True)
+
+
 def test_nan_propagates():
     tensors, _ = make_inputs(1, 2, 4, 10, (False, False, False, True))
     u = tensors["u"].detach().clone()
