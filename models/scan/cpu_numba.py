@@ -8,7 +8,8 @@ the backward pass recomputes one chunk of states from there and runs the adjoint
 recurrence backwards, so its memory does not grow with the state size times the length.
 The buffers of a chunk that the loops over time touch live on the thread's stack (a chunk
 holds up to _STACK_STATES steps x states: 255 steps at d_state 16), so that LLVM knows they
-overlap nothing and vectorises those loops without per-step overlap checks. States, step sizes and per-step arithmetic are in the input's dtype (float32 for float32
+overlap nothing and vectorises those loops without per-step overlap checks.
+States, step sizes and per-step arithmetic are in the input's dtype (float32 for float32
 inputs, as in mamba-ssm's CUDA kernel; float64 for float64), the decays of float32 inputs
 come from a float32 exponential (twice the vector lanes; relative error about
 3e-7 + |x| * 6e-8). The gradients of D and delta_bias are summed over time in float64;
@@ -170,7 +171,7 @@ def _stack_buffer(dtype):
     """A 1-d array of _STACK_STATES elements on the stack. LLVM knows that such buffers
     overlap neither each other nor any array argument, so the loops over the state that
     write them vectorise without the overlap checks it otherwise reruns at every time
-    step (forward + backward kernels about 13% faster than with heap buffers)."""
+    step (forward + backward kernels 0.17 s instead of 0.19 s at the benchmark size)."""
     return carray(_stack_pointer(_STACK_STATES, dtype), _STACK_STATES)
 
 
@@ -215,7 +216,8 @@ def _backward_steps(u, D, A_row, dout, b, d, t0, m, N, has_z, dts, ddts, gate, d
     """Channel d over one chunk, backwards. hs[:N] holds the state at the chunk's start;
     the states of the chunk are recomputed into hs[(i + 1) * N:]. dh: gradient reaching the
     state from after the chunk, on return from its start. A_row: A[d] (a copy on the stack:
-    read from A, it kept the loop over the state 20% slower). Adds the chunk's share of dA
+    read from A itself, the backward kernel took 0.17 s instead of 0.11 s at the benchmark
+    size). Adds the chunk's share of dA
     to dAc, of dB, dC to dBc, dCc (time-major); writes du, ddelta and, with z, dz_c (dz of
     the chunk); returns the shares of dD and d delta_bias."""
     zero = np.zeros(1, u.dtype)[0]
