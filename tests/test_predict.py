@@ -13,13 +13,11 @@ from data.patient import load_patient, modality_files, modality_of
 from data.preprocessing import CaseError, preprocess_case, read_meta
 from data.synthetic import make_cohort
 from models import build_model
-from test_training import P, script
 from test_training import TINY_CONFIG as CONFIG
+from test_training import P, script
 from utils.brats import MODALITY_SUFFIXES
 from utils.checkpoint import save_checkpoint
 from utils.evaluation import predict_subsets, uncrop
-
-
 
 
 @pytest.fixture(scope="module")

@@ -275,7 +275,8 @@ def _backward_steps(u, D, A_row, dout, b, d, t0, m, N, has_z, dts, ddts, gate, d
 def _forward(u, delta, A, B, C, D, z, bias, has_z, softplus, precise, chunk, groups, out, ckpt):
     """u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); D, bias: (d,).
 
-    Writes out (b, d, l) and ckpt (b, d, ceil(l / chunk), n), the state before each chunk.
+    Writes out (b, d, l) and ckpt (b, d, ceil(l / chunk), n), the state before each chunk
+    (the first, zeros, given).
     Channels are split in `groups` (one per thread); each thread walks time chunk by
     chunk over all its channels, with B and C of the chunk copied once into time-major
     tiles (B and C are used in the (b, n, l) layout mamba-ssm takes; no transposed copies).
@@ -296,8 +297,7 @@ def _forward(u, delta, A, B, C, D, z, bias, has_z, softplus, precise, chunk, gro
                 _load_tile(C, b, t0, m, Cc)
                 for d in range(lo, hi):
                     for n in range(N):
-                        h[n] = 0.0 if c == 0 else ckpt[b, d, c, n]
-                        ckpt[b, d, c, n] = h[n]
+                        h[n] = ckpt[b, d, c, n]
                     _load_chunk(delta, z, A, bias, has_z, softplus, precise, b, d, t0, m, N,
                                 raw, tmp, e, dts, ddts, gate, dgate, arg, decay, bits)
                     _forward_steps(u, D, b, d, t0, m, N, has_z, dts, gate, decay, Bc, Cc, h, out)
@@ -405,6 +405,7 @@ class _NumbaScan(torch.autograd.Function):
         u, delta, A, B, C, Dv, zv, bias = (t.detach().contiguous() for t in (u, delta, A, B, C, Dv, zv, bias))
         out = torch.empty_like(u)
         ckpt = u.new_empty(nb, nd, -(-L // chunk_size), A.shape[1])
+        ckpt[:, :, 0] = 0.0  # the state before the first step
         with _torch_threads():
             _forward(u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy(), Dv.numpy(),
                      zv.numpy(), bias.numpy(), z is not None, bool(delta_softplus),
