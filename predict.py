@@ -7,7 +7,8 @@
 2023, or _flair/_t1ce/_t1/_t2). The scans are preprocessed as for training, segmented with the
 sliding window (the encoders of absent sequences are not run) and the label map (uint8: 0
 background, 1 NCR, 2 ED, 3 ET) is written in the input's grid: same shape and affine.
---probabilities also writes the four class probabilities (X, Y, Z, 4) float32.
+--probabilities also writes the model's output maps (X, Y, Z, K) float32: the four class
+probabilities (background, NCR, ED, ET) or, for a region model, those of WT, TC and ET.
 """
 import argparse
 import contextlib
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 
 from data.patient import load_patient, modality_files
-from data.preprocessing import CaseError
-from utils.brats import MODALITIES, MODALITY_NAMES
-from utils.checkpoint import CheckpointError, add_original_flags, load_model_from_args
-from utils.evaluation import predict_subsets, uncrop
+from data.preprocessing import CaseError, uncrop
+from engine.checkpoint import CheckpointError, load_model
+from engine.cli import add_model_flags, model_config
+from engine.evaluation import predict_subsets
+from utils.brats import MODALITIES, MODALITY_NAMES, OUTPUT_ACTIVATION, OUTPUT_CHANNELS, to_labels
 from utils.io import atomic_path, nifti_image
 
 NIFTI = re.compile(r"\.nii(\.gz)?$")
@@ -38,11 +40,14 @@ def parser():
         p.add_argument(f"--{flag}", help=f"the {name} image (instead of --input)")
     p.add_argument("--output", required=True, help="label map to write (.nii.gz or .nii)")
     p.add_argument("--probabilities", nargs="?", const="", metavar="PATH",
-                   help="also write the class probabilities (default PATH: <output>_probabilities.nii.gz)")
+                   help="also write the model's output maps: class or region probabilities "
+                        "(default PATH: <output>_probabilities.nii.gz)")
     p.add_argument("--batch_size", type=int, default=1, help="sliding windows per forward pass")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    add_original_flags(p)
+    add_model_flags(p, sizes=False, title="the model: a train_poly.py checkpoint names its own (give "
+                                          "--model again for one from outside the project); for a "
+                                          "checkpoint of the original code give its variant")
     return p
 
 
@@ -60,13 +65,16 @@ def outputs(p, args):
 
 
 def segment(model, patient, batch_size, progress):
-    """-> (labels (X, Y, Z) uint8, probabilities (X, Y, Z, K) float32) in the native grid."""
+    """-> (labels (X, Y, Z) uint8, output maps (X, Y, Z, K) float32) in the native grid;
+    outside the crop: background (class probabilities) or no region."""
     probs = predict_subsets(model, torch.from_numpy(patient.volume), [patient.mask], batch_size,
                             progress)[0].cpu().numpy()  # (K, x, y, z)
     shape = patient.reference.shape
     full = uncrop(probs, shape, patient.box)
-    full[0][uncrop(np.ones(probs.shape[1:], bool), shape, patient.box) == 0] = 1  # background outside the crop
-    return uncrop(probs.argmax(0).astype(np.uint8), shape, patient.box), np.moveaxis(full, 0, -1)
+    if model.output_kind == "classes":
+        full[0][uncrop(np.ones(probs.shape[1:], bool), shape, patient.box) == 0] = 1
+    labels = to_labels(probs, model.output_kind).astype(np.uint8)
+    return uncrop(labels, shape, patient.box), np.moveaxis(full, 0, -1)
 
 
 def main(argv=None):
@@ -83,24 +91,30 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         paths = modality_files(args.input) if args.input else explicit
-        model, _ = load_model_from_args(args)
+        model, _ = load_model(args.resume, args.model, model_config(p, args))
         start = time.perf_counter()
-        patient = load_patient(paths, model.patch_size)
+        patient = load_patient(paths, model.window)
         used = [f"{name} ({os.path.basename(path)})" for name, path in zip(MODALITY_NAMES, paths) if path]
         missing = [name for name, path in zip(MODALITY_NAMES, paths) if not path]
         print(f"predict.py: using {', '.join(used)}" + (f"; missing {', '.join(missing)}" if missing else ""),
               file=sys.stderr)
         labels, probs = segment(model.to(device), patient, args.batch_size, not args.no_progress)
-        data = {"labels": labels, "probabilities": probs}
+        channels = f"{', '.join(OUTPUT_CHANNELS[model.output_kind])} ({OUTPUT_ACTIVATION[model.output_kind]})"
+        data = {"labels": (labels, "labels 0 background, 1 NCR, 2 ED, 3 ET"),
+                "probabilities": (probs, f"channels {channels}")}
         with contextlib.ExitStack() as stack:  # all outputs renamed together, none on failure
             for path, kind in targets:
-                nib.save(nifti_image(data[kind], patient.reference.affine), stack.enter_context(atomic_path(path)))
+                image = nifti_image(data[kind][0], patient.reference.affine)
+                image.header["descrip"] = data[kind][1][:79].encode()
+                nib.save(image, stack.enter_context(atomic_path(path)))
     except (CaseError, CheckpointError, FileNotFoundError, ValueError, OSError) as err:
         print(f"predict.py: {err}", file=sys.stderr)
         return 1
     counts = ", ".join(f"{name} {int((labels == k).sum())}" for k, name in ((1, "NCR"), (2, "ED"), (3, "ET")))
     print(f"predict.py: wrote {', '.join(path for path, _ in targets)} ({'x'.join(map(str, labels.shape))}; "
           f"voxels {counts}) in {time.perf_counter() - start:.1f} s on {device}", file=sys.stderr)
+    if len(targets) > 1:
+        print(f"predict.py: {targets[1][0]} holds {channels}, last axis", file=sys.stderr)
     return 0
 
 

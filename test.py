@@ -5,8 +5,9 @@
 Writes <savepath>/results.csv (one row per case and subset), summary.csv and summary.md (per
 subset means and the mean over subsets: the paper's table) and figures/<case>.png; with
 --save_nifti also predictions/<subset>/<case>.nii.gz in the original image space.
-Checkpoints of train_poly.py describe their model; for checkpoints of the original code give
-the variant flags (--interleaved_tokenization, --mamba_skip, --first_skip, --patch_size).
+Checkpoints of train_poly.py describe their model (one of your own: name its module again
+with --model); for checkpoints of the original code give the variant flags
+(--interleaved_tokenization, --mamba_skip, --first_skip, --patch_size).
 """
 import argparse
 import os
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 
 from data.datasets import EvalDataset
-from data.preprocessing import CaseError
+from data.preprocessing import CaseError, uncrop
+from engine.checkpoint import CheckpointError, load_model
+from engine.cli import add_model_flags, model_config
+from engine.evaluation import RESULT_FIELDS, SUMMARY_FIELDS, evaluate, summarize, summary_markdown
 from utils.brats import parse_subsets, subset_name
-from utils.checkpoint import CheckpointError, add_original_flags, load_model_from_args
-from utils.evaluation import RESULT_FIELDS, SUMMARY_FIELDS, evaluate, summarize, summary_markdown, uncrop
 from utils.figures import case_figure
 from utils.io import save_nifti, write_csv, write_text
 
@@ -38,7 +40,9 @@ def parser():
     p.add_argument("--save_nifti", action="store_true", help="write the label maps as NIfTI")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    add_original_flags(p)
+    add_model_flags(p, sizes=False, title="the model: a train_poly.py checkpoint names its own (give "
+                                          "--model again for one from outside the project); for a "
+                                          "checkpoint of the original code give its variant")
     return p
 
 
@@ -76,7 +80,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     test_file = args.test_file or os.path.join(args.datapath, "splits", "test15splits.csv")
     try:
-        model, ckpt = load_model_from_args(args)
+        model, ckpt = load_model(args.resume, args.model, model_config(p, args))
         dataset = EvalDataset(args.datapath, test_file)
         rows = evaluate(model.to(device), dataset, subsets, args.batch_size,
                         progress=not args.no_progress, on_case=case_writer(args.savepath, args.save_nifti))

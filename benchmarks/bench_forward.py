@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import build_model  # noqa: E402
+from engine import build_model  # noqa: E402
 
 PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}}
 

@@ -22,7 +22,7 @@ from data.synthetic import make_cohort  # noqa: E402
 
 def rate(root, cases, patch_size, samples, workers, repeats=3):
     """Median samples per second over `repeats` passes of `samples` samples."""
-    ds = TrainDataset(root, (cases * samples)[:samples], patch_size=patch_size, seed=0)
+    ds = TrainDataset(root, (cases * samples)[:samples], window=patch_size, seed=0)
     rates = []
     for epoch in range(repeats):
         ds.set_epoch(epoch)

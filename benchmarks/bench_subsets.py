@@ -1,5 +1,5 @@
 """Evaluating all 15 modality subsets: each window encoded once and decoded per subset
-(utils.evaluation.predict_subsets, what test.py does) against 15 full forward passes.
+(engine.evaluation.predict_subsets, what test.py does) against 15 full forward passes.
 
     python benchmarks/bench_subsets.py [--patch-size 64] [--volume 64 64 64] [--repeats 3]
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import build_model  # noqa: E402
+from engine import build_model  # noqa: E402
 from utils.brats import SUBSETS  # noqa: E402
-from utils.evaluation import predict_subsets  # noqa: E402
-from utils.inference import sliding_window  # noqa: E402
+from engine.evaluation import predict_subsets  # noqa: E402
+from engine.inference import sliding_window  # noqa: E402
 
 
 def full_passes(model, volume):
@@ -27,7 +27,7 @@ def full_passes(model, volume):
     with torch.no_grad():
         for mask in SUBSETS:
             m = torch.tensor([mask])
-            out.append(sliding_window(volume, model.patch_size, lambda w: model(w, m)[:, None])[0])
+            out.append(sliding_window(volume, model.window, lambda w: model(w, m)[:, None])[0])
     return torch.stack(out)
 
 

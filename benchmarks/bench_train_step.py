@@ -4,8 +4,8 @@
         [--scan torch|mamba_ssm|numba|auto] [--steps 5]
 
 One step is what train_poly.py does per iteration: forward in train mode (fused, auxiliary
-and deep-supervision outputs), the summed loss, backward and an RAdam step, batch 1, a random
-modality subset. Defaults: IM-Fuse in the paper configuration. Prints the median over the
+and deep-supervision outputs), the model's loss, backward and a step of its recipe's
+optimiser, batch 1, a random modality subset. Defaults: IM-Fuse in the paper configuration. Prints the median over the
 steps after two warm-up steps, and the peak memory: allocated by torch on CUDA, the process's
 resident set on the CPU.
 """
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import build_model  # noqa: E402
+from engine import build_model  # noqa: E402
 from models.scan import BACKENDS, ENV_VAR  # noqa: E402
 from utils.brats import SUBSETS  # noqa: E402
-from utils.losses import total_loss  # noqa: E402
+from utils.schedule import make_optimizer  # noqa: E402
 
 PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}}
 
@@ -43,7 +43,7 @@ def main(argv=None):
     torch.manual_seed(0)
     P = args.patch_size
     model = build_model(args.model, patch_size=P, **PAPER[args.model]).to(device).train()
-    optimizer = torch.optim.RAdam(model.parameters(), lr=2e-4, weight_decay=3e-5)
+    optimizer = make_optimizer(model.recipe, model.parameters())
     x = torch.randn(1, 4, P, P, P, device=device)
     label = torch.randint(0, 4, (1, P, P, P), device=device)
     times = []
@@ -53,7 +53,7 @@ def main(argv=None):
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss, _ = total_loss(model(x, mask), label)
+            loss, _ = model.loss(model(x, mask), {"image": x, "label": label, "mask": mask})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,9 +1,10 @@
 """Datasets over a preprocessed folder (`vol/`, `seg/`, optional `meta/`), written by
 preprocess.py or by the original IM-Fuse scripts.
 
-Training samples: a random P^3 crop (read through a memory map), augmented, with a modality
-subset drawn uniformly from the 15 (or from those the case has, when its metadata marks a
-modality absent). Evaluation samples: the whole cropped volume, its label, its assigned
+Training samples: a random crop of the model's window (read through a memory map), augmented,
+with a modality subset drawn from the recipe's distribution over the 15 (uniform unless
+weights are given; restricted to the subsets a case has when its metadata marks a modality
+absent). Evaluation samples: the whole cropped volume, its label, its assigned
 subset and its name. Randomness comes from numpy Generators seeded by (seed, epoch, index),
 so a run gives the same samples whatever the number of DataLoader workers.
 """
@@ -15,7 +16,7 @@ from torch.utils.data import Dataset
 
 from utils.brats import MODALITIES, SUBSETS
 
-from .augment import augment, random_crop
+from .augment import AUGMENTATIONS, augment, random_crop
 from .preprocessing import CaseError, output_paths, read_meta
 from .splits import read_split
 
@@ -37,6 +38,15 @@ def case_arrays(root, case, mmap=True):
         raise CaseError(case, paths["vol"], f"shapes {vol.shape} (volume) and {seg.shape} (labels) do not "
                                             f"fit (X, Y, Z, {len(MODALITIES)}) and (X, Y, Z)")
     return vol, seg
+
+
+def draw_subset(rng, subsets, weights=None):
+    """One of `subsets` (masks): uniformly, or with probabilities proportional to `weights`
+    (one per subset)."""
+    if weights is None:
+        return subsets[int(rng.integers(len(subsets)))]
+    p = np.asarray(weights, dtype=np.float64)
+    return subsets[int(rng.choice(len(subsets), p=p / p.sum()))]
 
 
 def available_subsets(meta):
@@ -63,21 +73,36 @@ def _sample(image, label, mask, name):
 
 
 class TrainDataset(Dataset):
-    """Random patch_size^3 crops of the listed cases, augmented, with modality dropout.
+    """Random crops of the listed cases, augmented, with modality dropout.
 
-    cases: a split file or a list of case names. seed: base of the per-sample random state
-    (default: derived from torch's global seed when the dataset is built). Call
-    set_epoch(e) before each epoch for fresh draws.
+    cases: a split file or a list of case names; window: crop size (3-tuple, or an int for a
+    cube); augmentations: names of data.augment.AUGMENTATIONS, applied in that order;
+    subset_weights: None (uniform) or one weight per subset of SUBSETS; foreground: the
+    probability of a crop centred on a tumour voxel. seed: base of the per-sample random state
+    (default: derived from torch's global seed when the dataset is built). Call set_epoch(e)
+    before each epoch for fresh draws.
     """
 
-    def __init__(self, root, cases, patch_size=128, augmentation=True, seed=None):
-        self.root, self.patch_size, self.augmentation = root, patch_size, augmentation
+    def __init__(self, root, cases, window=128, augmentations=tuple(AUGMENTATIONS), subset_weights=None,
+                 foreground=0.0, seed=None):
+        self.root, self.window, self.augmentations = root, window, tuple(augmentations)
+        self.foreground = foreground
         self.cases = [name for name, _ in _cases(cases)]
         self.seed = int(torch.initial_seed() % 2 ** 63) if seed is None else seed
         self.epoch = 0
         for name in self.cases:
             case_arrays(root, name)  # faulty files fail here, in one line, not in a worker
-        self.subsets = [available_subsets(read_meta(root, name)) for name in self.cases]
+        if subset_weights is not None and len(subset_weights) != len(SUBSETS):
+            raise ValueError(f"subset_weights: one weight per subset ({len(SUBSETS)}), got {len(subset_weights)}")
+        self.subsets, self.weights = [], []
+        weight_of = dict(zip(SUBSETS, subset_weights)) if subset_weights is not None else None
+        for name in self.cases:
+            subsets = available_subsets(read_meta(root, name))
+            weights = None if weight_of is None else [weight_of[s] for s in subsets]
+            if weights is not None and not sum(weights):
+                raise ValueError(f"case {name}: no subset of the modalities it has gets a positive weight")
+            self.subsets.append(subsets)
+            self.weights.append(weights)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -89,11 +114,9 @@ class TrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         name = self.cases[index]
         vol, seg = case_arrays(self.root, name)
-        image, label = random_crop(vol, seg, self.patch_size, rng)
-        if self.augmentation:
-            image, label = augment(image, label, rng)
-        subsets = self.subsets[index]
-        mask = subsets[int(rng.integers(len(subsets)))]
+        image, label = random_crop(vol, seg, self.window, rng, self.foreground)
+        image, label = augment(image, label, rng, self.augmentations)
+        mask = draw_subset(rng, self.subsets[index], self.weights[index])
         return _sample(image.astype(np.float32), label, mask, name)
 
 

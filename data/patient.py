@@ -49,8 +49,9 @@ def modality_files(folder):
 
 
 def load_patient(paths, min_size):
-    """paths: [path or None] per modality -> Patient. Every given file must be readable, have
-    image content and share the others' grid (shape and affine); otherwise CaseError naming it."""
+    """paths: [path or None] per modality -> Patient, cropped to at least min_size (an int, or
+    one per axis: the model's window). Every given file must be readable, have image content
+    and share the others' grid (shape and affine); otherwise CaseError naming it."""
     if not any(paths):
         raise CaseError(None, "input", "no FLAIR, T1c, T1 or T2 image given")
     image, reference = read_modalities(None, paths)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-from tqdm import tqdm
 
 from utils.brats import LABELS, LEGACY_LABEL_MAP, MODALITIES, MODALITY_SUFFIXES, SEG_SUFFIX
 from utils.io import atomic_path
+from utils.progress import progress_bar
 
 from .splits import make_split, write_split
 
@@ -136,9 +136,11 @@ def load_case(case_dir):
 
 def crop_box(nonzero, min_size):
     """[(lo, hi), ...] (hi exclusive) per axis: the bounding box of `nonzero`, widened
-    symmetrically to at least min_size and shifted inward at either border."""
+    symmetrically to at least min_size (an int, or one per axis) and shifted inward at
+    either border."""
     box = []
-    for axis, dim in enumerate(nonzero.shape):
+    sizes = (min_size,) * nonzero.ndim if isinstance(min_size, int) else tuple(min_size)
+    for axis, (dim, min_size) in enumerate(zip(nonzero.shape, sizes)):
         other = tuple(a for a in range(nonzero.ndim) if a != axis)
         idx = np.flatnonzero(nonzero.any(axis=other))
         lo, hi = int(idx[0]), int(idx[-1]) + 1
@@ -173,6 +175,14 @@ def crop_and_normalize(image, min_size):
     box = crop_box(image.max(0) != 0, min_size)
     cropped = np.ascontiguousarray(image[(slice(None),) + tuple(slice(lo, hi) for lo, hi in box)])
     return cropped, box, normalize(cropped)
+
+
+def uncrop(cropped, shape, box):
+    """The inverse of the crop of crop_and_normalize: cropped (..., x, y, z) placed back at
+    the crop box `box` of the native grid `shape` (X, Y, Z) -> (..., X, Y, Z), zeros outside."""
+    full = np.zeros(cropped.shape[:-3] + tuple(shape), dtype=cropped.dtype)
+    full[(...,) + tuple(slice(lo, hi) for lo, hi in box)] = cropped
+    return full
 
 
 def output_paths(out_dir, case):
@@ -242,7 +252,7 @@ def preprocess_all(input_path, output_path, workers=1, min_size=128, overwrite=F
     and skipped. Returns {"written": [...], "skipped": [...], "failed": [...]}."""
     jobs = [(case_dir, output_path, min_size, overwrite) for case_dir in find_cases(input_path)]
     result = {"written": [], "skipped": [], "failed": []}
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="preprocess", unit="case", enabled=progress)
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             outcomes = pool.map(_run_one, jobs)

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
-
 from utils.brats import MODALITY_SUFFIXES, SEG_SUFFIX
 from utils.io import save_nifti
+from utils.progress import progress_bar
 
 # ---- Sizes and geometry (mm at DEFAULT_SIZE; see _scale) -----------------------------------
 DEFAULT_SIZE = (240, 240, 155)  # BraTS grid (x, y, z), 1 mm isotropic
@@ -204,9 +203,9 @@ def make_cohort(out_dir, cases, seed=0, size=DEFAULT_SIZE, workers=1):
     jobs = [(out_dir, index, seed, size) for index in range(cases)]
     bar = dict(total=cases, desc="synthetic cases", unit="case")
     if workers <= 1:
-        return [make_case(*job) for job in tqdm(jobs, **bar)]
+        return [make_case(*job) for job in progress_bar(jobs, **bar)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(_make_case_job, jobs), **bar))
+        return list(progress_bar(pool.map(_make_case_job, jobs), **bar))
 
 
 def _at_least(minimum):

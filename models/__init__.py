@@ -1,9 +1,11 @@
-"""IM-Fuse and the models it is compared with, built by name:
+"""IM-Fuse and the building blocks of the models it is compared with, built by name:
 
     model = build_model("imfuse", patch_size=128, interleaved=True, mamba_skip=True)
     model = from_reference("model_best.pth", "imfuse", interleaved=True, mamba_skip=True)
 
-Every model registers itself with `@register_model(name)`; competitors live in `competitors/`.
+Every model follows the contract of models/base.py and registers itself with
+`@register_model(name)`; the competitors live in `competitors/`, which registers them when
+imported (the engine imports both).
 """
 _REGISTRY = {}
 
@@ -20,12 +22,12 @@ def register_model(name):
 
 
 def list_models():
-    import competitors  # noqa: F401  (registers the competitors)
+    """The registered names (those of the packages imported so far)."""
     return sorted(_REGISTRY)
 
 
 def model_class(name):
-    if name not in list_models():
+    if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
     return _REGISTRY[name]
 

@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.brats import CHECKPOINT_NAMES
+from utils.losses import segmentation_loss
+from utils.recipe import Recipe
 
 from .reference import block_renames
 
@@ -198,12 +200,19 @@ def mask_modalities(x, mask):
 class MultiEncoderNet(nn.Module):
     """Per-modality encoders and intra-modal transformers, a fusion decoder and the auxiliary
     decoder shared by the modalities. Subclasses build the fusion parts and define `fuse`.
+    The model contract (models/base.py): window (P, P, P), softmax classes, SPEC section 4's
+    recipe and loss.
 
     encode(x) -> features: [x1, x2, x3, x4, intra-modal x5], each (B, M, C_l, *grid_l);
     decode(features, mask) -> fused probabilities (B, K, P, P, P);
     forward(x, mask): eval mode the fused probabilities; train mode
     (fused, [M auxiliary predictions], [deep supervision of levels 2, 3, 4, 5]).
     """
+
+    output_kind = "classes"
+    # RAdam, lr 2e-4, weight decay 3e-5, poly per epoch over 1000 epochs, batch 1, one pass
+    # over the cases per epoch, uniform subsets, rotation + intensity + flips
+    recipe = Recipe()
 
     def __init__(self, num_classes, patch_size, num_modalities, width, dim, heads, mlp_dim,
                  dropout, skip_channels, bottleneck_ch, num_levels=5):
@@ -220,6 +229,20 @@ class MultiEncoderNet(nn.Module):
                                               dropout) for _ in range(num_modalities))
         self.decoder = FusionDecoder(self.widths, bottleneck_ch, skip_channels, num_classes)
         self.aux_decoder = AuxDecoder(self.widths, num_classes)
+
+    @property
+    def window(self):
+        return (self.patch_size,) * 3
+
+    def loss(self, outputs, batch):
+        """Weighted cross-entropy + soft Dice of the fused, each auxiliary and each
+        deep-supervision output, summed -> (total, {"fused", "aux", "deep"})."""
+        fused, aux, deep = outputs
+        label = batch["label"]
+        parts = {"fused": segmentation_loss(fused, label),
+                 "aux": sum(segmentation_loss(p, label) for p in aux),
+                 "deep": sum(segmentation_loss(p, label) for p in deep)}
+        return parts["fused"] + parts["aux"] + parts["deep"], parts
 
     def fuse(self, features):
         """Masked features (level 1 None when it has no skip) -> (skip inputs of levels 1-4 (None where a level has none),

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from utils.io import atomic_path
+
 PREFIX = "module."
 
 
@@ -66,9 +68,8 @@ def to_reference(model, path=None, include_unused=True):
     checkpoint = {"state_dict": {PREFIX + key: value.detach().cpu().clone() for key, value
                                  in reference_state(model, include_unused).items()}}
     if path is not None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
     return checkpoint
 
 

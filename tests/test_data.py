@@ -8,10 +8,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import preprocess
-from data.augment import random_crop, random_flip, random_intensity, random_rotation
+from data.augment import AUGMENTATIONS, random_crop, random_flip, random_intensity, random_rotation
 from data.datasets import EvalDataset, TrainDataset
 from data.preprocessing import CaseError
 from raw_cases import write_case
+from scipy import stats
+from utils import recipe
 from utils.brats import SUBSETS
 
 P = 16
@@ -88,7 +90,7 @@ def names(root):
 
 
 def test_train_samples(cohort):
-    ds = TrainDataset(cohort, names(cohort), patch_size=P, seed=5)
+    ds = TrainDataset(cohort, names(cohort), window=P, seed=5)
     sample = ds[1]
     assert sample["image"].shape == (4, P, P, P) and sample["image"].dtype == torch.float32
     assert sample["label"].shape == (P, P, P) and sample["label"].dtype == torch.int64
@@ -100,7 +102,7 @@ def test_train_samples(cohort):
 
 
 def test_modality_dropout_draws_every_subset_and_never_none(cohort):
-    ds = TrainDataset(cohort, names(cohort), patch_size=P, augmentation=False, seed=0)
+    ds = TrainDataset(cohort, names(cohort), window=P, augmentations=(), seed=0)
     seen = []
     for epoch in range(40):
         ds.set_epoch(epoch)
@@ -114,7 +116,7 @@ def test_dropout_keeps_to_the_modalities_a_case_has(cohort):
     meta["present"] = [True, False, True, True]  # T1c absent
     meta_path.write_text(json.dumps(meta))
     try:
-        ds = TrainDataset(cohort, ["BraTS-GLI-00002-000"], patch_size=P, augmentation=False, seed=0)
+        ds = TrainDataset(cohort, ["BraTS-GLI-00002-000"], window=P, augmentations=(), seed=0)
         seen = set()
         for epoch in range(60):
             ds.set_epoch(epoch)
@@ -125,9 +127,53 @@ def test_dropout_keeps_to_the_modalities_a_case_has(cohort):
         meta_path.write_text(json.dumps(meta))
 
 
+def test_subset_frequencies_follow_the_weights(cohort):
+    """ShaSpec's law (P(all four) 1/4, each triple and single 1/16, each pair 1/24), with T1
+    alone excluded: chi-square of 4,000 seeded draws against it, and far from uniform."""
+    law = {4: 1 / 4, 3: 1 / 16, 2: 1 / 24, 1: 1 / 16}
+    weights = [0.0 if s == SUBSETS[2] else law[sum(s)] for s in SUBSETS]
+    ds = TrainDataset(cohort, names(cohort), window=4, augmentations=(), subset_weights=weights, seed=7)
+    counts = dict.fromkeys(SUBSETS, 0)
+    for epoch in range(1000):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            counts[tuple(ds[i]["mask"].tolist())] += 1
+    n = sum(counts.values())
+    assert counts[SUBSETS[2]] == 0
+    observed = np.array([counts[s] for s in SUBSETS if s != SUBSETS[2]])
+    p = np.array([w for s, w in zip(SUBSETS, weights) if s != SUBSETS[2]])
+    chi2 = (((observed - n * p / p.sum()) ** 2) / (n * p / p.sum())).sum()
+    assert chi2 < stats.chi2.ppf(0.999, len(observed) - 1)
+    uniform = n / len(observed)
+    assert ((observed - uniform) ** 2 / uniform).sum() > 10 * stats.chi2.ppf(0.999, len(observed) - 1)
+
+
+def test_foreground_oversampling_puts_tumour_in_every_crop(cohort):
+    def tumour_fraction(p):
+        ds = TrainDataset(cohort, names(cohort), window=6, augmentations=(), foreground=p, seed=3)
+        hits = []
+        for epoch in range(25):
+            ds.set_epoch(epoch)
+            hits += [bool(ds[i]["label"].any()) for i in range(len(ds))]
+        return np.mean(hits)
+    assert tumour_fraction(1.0) == 1.0
+    assert tumour_fraction(0.0) < 0.6  # uniform crops of this size often miss the 6^3 tumour
+
+
+def test_anisotropic_crops(cohort):
+    sample = TrainDataset(cohort, names(cohort), window=(16, 8, 12), seed=1)[0]
+    assert sample["image"].shape == (4, 16, 8, 12) and sample["label"].shape == (16, 8, 12)
+    with pytest.raises(ValueError, match="window \\(64, 8, 8\\); preprocess with --min-size 64"):
+        TrainDataset(cohort, names(cohort), window=(64, 8, 8), seed=1)[0]
+
+
+def test_the_recipe_names_every_augmentation_there_is():
+    assert tuple(AUGMENTATIONS) == recipe.AUGMENTATIONS
+
+
 def test_workers_do_not_change_the_samples(cohort):
     def batches(workers):
-        ds = TrainDataset(cohort, names(cohort), patch_size=P, seed=11)
+        ds = TrainDataset(cohort, names(cohort), window=P, seed=11)
         ds.set_epoch(3)
         loader = DataLoader(ds, batch_size=2, num_workers=workers)
         return [(b["image"], b["label"], b["mask"]) for b in loader]

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+import competitors  # noqa: F401  (registers mmformer)
 import reference_forward
 from models import ReferenceCheckpointError, build_model, from_reference, list_models, to_reference
 from models.reference import reference_state

@@ -10,14 +10,14 @@ import torch
 
 from data.datasets import case_arrays
 from data.patient import load_patient, modality_files, modality_of
-from data.preprocessing import CaseError, preprocess_case, read_meta
+from data.preprocessing import CaseError, preprocess_case, read_meta, uncrop
 from data.synthetic import make_cohort
+from engine.checkpoint import save_checkpoint
+from engine.evaluation import predict_subsets
+from helpers import TINY_CONFIG as CONFIG
+from helpers import P, script
 from models import build_model
-from test_training import TINY_CONFIG as CONFIG
-from test_training import P, script
 from utils.brats import MODALITY_SUFFIXES
-from utils.checkpoint import save_checkpoint
-from utils.evaluation import predict_subsets, uncrop
 
 
 @pytest.fixture(scope="module")

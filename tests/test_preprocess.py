@@ -228,5 +228,5 @@ def test_synthetic_cohort_end_to_end(tmp_path):
         crop_brain = images[(slice(None),) + tuple(slice(lo, hi) for lo, hi in box)].sum(0) > 0
         for k in range(4):
             assert abs(vol[..., k][crop_brain].mean()) < 1e-4 and abs(vol[..., k][crop_brain].std() - 1) < 1e-4
-    sample = TrainDataset(out, out / "splits" / "train.txt", patch_size=32, seed=0)[0]
+    sample = TrainDataset(out, out / "splits" / "train.txt", window=32, seed=0)[0]
     assert sample["image"].shape == (4, 32, 32, 32)

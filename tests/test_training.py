@@ -1,6 +1,5 @@
 """train_poly.py and test.py end to end on a tiny synthetic cohort, and the evaluation parts."""
 import csv
-import importlib.util
 import os
 import shutil
 import signal
@@ -15,40 +14,16 @@ import torch
 from PIL import Image
 
 from data.datasets import EvalDataset
-from data.preprocessing import preprocess_all
-from data.synthetic import make_cohort
-from models import build_model, to_reference
+from data.preprocessing import uncrop
+from engine import build_model, training
+from engine.checkpoint import load_checkpoint, load_model, save_checkpoint
+from engine.evaluation import evaluate, predict_subsets, summarize
+from engine.inference import sliding_window
+from helpers import P, ROOT, TINY, TINY_CONFIG, script
+from models import to_reference
+from models.blocks import MultiEncoderNet
 from utils.brats import SUBSET_NAMES, SUBSETS, parse_subsets
-from utils import training
-from utils.checkpoint import load_checkpoint, load_model, save_checkpoint
-from utils.evaluation import evaluate, predict_subsets, summarize, uncrop
 from utils.figures import case_figure, tumour_slice
-from utils.inference import sliding_window
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-P = 32  # the smallest trainable patch: instance norm needs a bottleneck of 2^3
-TINY_CONFIG = {"num_classes": 4, "patch_size": P, "interleaved": True, "mamba_skip": True, "width": 2,
-               "dim": 8, "heads": 1, "mlp_dim": 16}  # the model of TINY
-TINY = ["--patch_size", str(P), "--width", "2", "--dim", "8", "--heads", "1", "--mlp_dim", "16",
-        "--interleaved_tokenization", "--mamba_skip"]
-
-
-def script(name):
-    """A top-level script (train_poly.py, test.py) as a module."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    """(raw folder, preprocessed folder) of 6 synthetic 40x36x32 cases (4 train, 1 val, 1 test)."""
-    base = tmp_path_factory.mktemp("cohort")
-    raw, npy = str(base / "raw"), str(base / "npy")
-    make_cohort(raw, 6, seed=3, size=(40, 36, 32), workers=1)
-    preprocess_all(raw, npy, min_size=P, progress=False)
-    return raw, npy
 
 
 def train(npy, save, *extra):
@@ -57,27 +32,28 @@ def train(npy, save, *extra):
     return script("train_poly").main(argv)
 
 
-def test_two_iterations_write_checkpoints_and_logs(cohort, tmp_path):
-    assert train(cohort[1], tmp_path, "--num_epochs", "1", "--iter_per_epoch", "2") == 0
+def test_two_iterations_write_checkpoints_and_logs(tiny_cohort, tmp_path):
+    assert train(tiny_cohort[1], tmp_path, "--num_epochs", "1", "--iter_per_epoch", "2") == 0
     assert sorted(os.listdir(tmp_path)) == ["best.pth", "model_last.pth", "summary"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "summary"))
     ckpt = torch.load(tmp_path / "model_last.pth", weights_only=True)
     assert ckpt["model"] == "imfuse" and ckpt["epoch"] == 0 and ckpt["step"] == 2
-    assert ckpt["config"] == {"num_classes": 4, "patch_size": P, "interleaved": True, "mamba_skip": True,
-                              "width": 2, "dim": 8, "heads": 1, "mlp_dim": 16}
+    assert ckpt["config"] == {"num_classes": 4, "first_skip": False, "num_modalities": 4, "dropout": 0.1,
+                              "backend": None, **TINY_CONFIG}  # every constructor argument
+    assert ckpt["recipe"]["optimizer"] == "radam" and ckpt["recipe"]["lr"] == 1e-3  # --lr 1e-3
     assert 0 <= ckpt["val_Dice_best"] <= 1 and ckpt["seed"] == 999
     assert len(ckpt["optim_dict"]["state"]) == len(list(build_model("imfuse", **ckpt["config"]).parameters()))
     model, _ = load_model(str(tmp_path / "best.pth"))
     assert model.patch_size == P and model.interleaved and model.mamba_skip and not model.training
 
 
-def test_resume_continues_at_the_next_epoch_as_the_uninterrupted_run(cohort, tmp_path, capsys):
+def test_resume_continues_at_the_next_epoch_as_the_uninterrupted_run(tiny_cohort, tmp_path, capsys):
     args = ["--iter_per_epoch", "2", "--val_file", ""]
-    assert train(cohort[1], tmp_path / "straight", "--num_epochs", "2", *args) == 0
-    assert train(cohort[1], tmp_path / "split", "--num_epochs", "1", *args) == 0
+    assert train(tiny_cohort[1], tmp_path / "straight", "--num_epochs", "2", *args) == 0
+    assert train(tiny_cohort[1], tmp_path / "split", "--num_epochs", "1", *args) == 0
     first = load_checkpoint(str(tmp_path / "split" / "model_last.pth"))
     capsys.readouterr()
-    assert train(cohort[1], tmp_path / "split", "--num_epochs", "2", "--resume",
+    assert train(tiny_cohort[1], tmp_path / "split", "--num_epochs", "2", "--resume",
                  str(tmp_path / "split" / "model_last.pth"), *args) == 0
     out = capsys.readouterr().out
     assert "epoch 2/2" in out and "epoch 1/2" not in out
@@ -94,17 +70,17 @@ def test_resume_continues_at_the_next_epoch_as_the_uninterrupted_run(cohort, tmp
     assert not os.path.exists(tmp_path / "straight" / "best.pth")  # no validation asked
 
 
-def test_training_refuses_bad_input_in_one_line(cohort, tmp_path, capsys):
-    assert train(cohort[1], tmp_path, "--resume", str(tmp_path / "nothing.pth")) == 1
+def test_training_refuses_bad_input_in_one_line(tiny_cohort, tmp_path, capsys):
+    assert train(tiny_cohort[1], tmp_path, "--resume", str(tmp_path / "nothing.pth")) == 1
     assert train(str(tmp_path / "missing"), tmp_path) == 1
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    assert train(cohort[1], tmp_path, "--resume", str(junk)) == 1
+    assert train(tiny_cohort[1], tmp_path, "--resume", str(junk)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("train_poly.py: ") for line in err)
     assert "nothing.pth: no such checkpoint" in err[0] and "junk.pth" in err[2]
     with pytest.raises(SystemExit):
-        script("train_poly").main(["--datapath", cohort[1], "--savepath", str(tmp_path), "--model",
+        script("train_poly").main(["--datapath", tiny_cohort[1], "--savepath", str(tmp_path), "--model",
                                    "mmformer", "--mamba_skip"])
 
 
@@ -118,8 +94,8 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_test_script_writes_the_tables_figures_and_native_label_maps(cohort, tmp_path):
-    raw, npy = cohort
+def test_test_script_writes_the_tables_figures_and_native_label_maps(tiny_cohort, tmp_path):
+    raw, npy = tiny_cohort
     assert train(npy, tmp_path / "run", "--num_epochs", "1", "--iter_per_epoch", "1") == 0
     out = tmp_path / "eval"
     assert run_test(npy, tmp_path / "run" / "best.pth", out, "--save_nifti", "--batch_size", "3") == 0
@@ -145,8 +121,8 @@ def test_test_script_writes_the_tables_figures_and_native_label_maps(cohort, tmp
     assert not [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
 
 
-def test_an_original_checkpoint_goes_through_test_py(cohort, tmp_path, capsys):
-    npy = cohort[1]
+def test_an_original_checkpoint_goes_through_test_py(tiny_cohort, tmp_path, capsys):
+    npy = tiny_cohort[1]
     torch.manual_seed(0)
     model = build_model("imfuse", patch_size=P, interleaved=True, mamba_skip=True).eval()
     to_reference(model, str(tmp_path / "model_best.pth"))
@@ -235,10 +211,10 @@ def last(folder):
 
 @pytest.mark.parametrize("signal_in", [3, 4])  # iteration 1 of epoch 2; its last one (validation pending)
 def test_a_signal_saves_after_the_iteration_and_the_resumed_run_is_the_uninterrupted_one(
-        cohort, tmp_path, monkeypatch, capsys, signal_in):
+        tiny_cohort, tmp_path, monkeypatch, capsys, signal_in):
     args = ["--num_epochs", "3", "--iter_per_epoch", "2"]
-    assert train(cohort[1], tmp_path / "straight", *args) == 0
-    calls, loss = [], training.total_loss
+    assert train(tiny_cohort[1], tmp_path / "straight", *args) == 0
+    calls, loss = [], MultiEncoderNet.loss
 
     def loss_then_signal(*a):
         calls.append(1)
@@ -246,25 +222,76 @@ def test_a_signal_saves_after_the_iteration_and_the_resumed_run_is_the_uninterru
             os.kill(os.getpid(), signal.SIGTERM)
         return loss(*a)
 
-    monkeypatch.setattr(training, "total_loss", loss_then_signal)
-    assert train(cohort[1], tmp_path / "split", *args) == 128 + signal.SIGTERM
+    monkeypatch.setattr(MultiEncoderNet, "loss", loss_then_signal)
+    assert train(tiny_cohort[1], tmp_path / "split", *args) == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler removed
     ckpt = last(tmp_path / "split")
     assert (ckpt["epoch"], ckpt["iteration"], ckpt["step"]) == (0, signal_in - 2, signal_in)
     assert f"stopped by signal {int(signal.SIGTERM)} in epoch 2 after iteration {signal_in - 2}" in capsys.readouterr().out
     monkeypatch.undo()
-    assert train(cohort[1], tmp_path / "split", *args, "--resume", str(tmp_path / "split" / "model_last.pth")) == 0
+    assert train(tiny_cohort[1], tmp_path / "split", *args, "--resume", str(tmp_path / "split" / "model_last.pth")) == 0
     assert_same_run(last(tmp_path / "straight"), last(tmp_path / "split"))
     assert_same_run(load_checkpoint(str(tmp_path / "straight" / "best.pth")),
                     load_checkpoint(str(tmp_path / "split" / "best.pth")))
 
 
-def test_sigterm_to_a_training_process_and_its_loader_workers(cohort, tmp_path):
+@pytest.mark.parametrize("recipe", [
+    ["--schedule", "poly_iteration", "--optimizer", "sgd", "--optimizer_args", '{"momentum": 0.9, "nesterov": true}',
+     "--subset_weights", ",".join(["1"] * 14 + ["5"]), "--augmentations", "flip,rotation"],
+    ["--schedule", "plateau", "--schedule_args", '{"patience": 0, "factor": 0.5}', "--optimizer", "adam",
+     "--optimizer_args", '{"amsgrad": true}', "--foreground_oversampling", "0.5"]], ids=["poly_iteration", "plateau"])
+def test_other_recipes_resume_as_the_uninterrupted_run(tiny_cohort, tmp_path, monkeypatch, recipe):
+    """Stopped in the last iteration of epoch 2 (its validation, and the plateau step, wait for
+    the resume); the resumed run takes the recipe from the checkpoint, no recipe flag given."""
+    args = ["--num_epochs", "3", "--iter_per_epoch", "2"]
+    assert train(tiny_cohort[1], tmp_path / "straight", *args, *recipe) == 0
+    calls, loss = [], MultiEncoderNet.loss
+
+    def loss_then_signal(*a):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*a)
+
+    monkeypatch.setattr(MultiEncoderNet, "loss", loss_then_signal)
+    assert train(tiny_cohort[1], tmp_path / "split", *args, *recipe) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert train(tiny_cohort[1], tmp_path / "split", "--resume", str(tmp_path / "split" / "model_last.pth")) == 0
+    a, b = last(tmp_path / "straight"), last(tmp_path / "split")
+    assert a["recipe"] == b["recipe"] and a["schedule"] == b["schedule"] and a["recipe"]["lr"] == 1e-3
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
+    assert a["optim_dict"]["param_groups"] == b["optim_dict"]["param_groups"]
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-5, atol=1e-6)
+    for i, state in a["optim_dict"]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(value, b["optim_dict"]["state"][i][key], rtol=1e-4, atol=1e-9)
+
+
+def test_a_checkpoint_without_a_recipe_resumes_with_the_models_and_the_flags(tiny_cohort, tmp_path):
+    """Checkpoints written before recipes were recorded: the model's recipe with the flags
+    given, as then."""
+    args = ["--num_epochs", "2", "--iter_per_epoch", "2", "--val_file", ""]
+    assert train(tiny_cohort[1], tmp_path / "straight", *args) == 0
+    assert train(tiny_cohort[1], tmp_path / "split", "--num_epochs", "1", *args[2:]) == 0
+    ckpt = last(tmp_path / "split")
+    del ckpt["recipe"], ckpt["schedule"]
+    for group in ckpt["optim_dict"]["param_groups"]:
+        del group["initial_lr"]
+    save_checkpoint(str(tmp_path / "split" / "model_last.pth"), ckpt)
+    assert train(tiny_cohort[1], tmp_path / "split", "--resume", str(tmp_path / "split" / "model_last.pth"), *args) == 0
+    a, b = last(tmp_path / "straight"), last(tmp_path / "split")
+    assert a["recipe"] == b["recipe"]
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_to_a_training_process_and_its_loader_workers(tiny_cohort, tmp_path):
     """The real thing: SIGTERM to the process group of train_poly.py (loader workers included)
     while it trains; it exits 143 with a checkpoint, and the resumed run finishes as the
     uninterrupted one."""
     args = ["--num_epochs", "4", "--iter_per_epoch", "2", "--val_file", ""]
-    argv = [sys.executable, os.path.join(ROOT, "train_poly.py"), "--datapath", cohort[1], "--savepath",
+    argv = [sys.executable, os.path.join(ROOT, "train_poly.py"), "--datapath", tiny_cohort[1], "--savepath",
             str(tmp_path / "split"), "--num_workers", "1", "--no_progress", "--lr", "1e-3"] + TINY + args
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -277,15 +304,15 @@ def test_sigterm_to_a_training_process_and_its_loader_workers(cohort, tmp_path):
     assert "Traceback" not in err and "stopped by signal 15" in out
     stopped = last(tmp_path / "split")
     assert 0 <= stopped["epoch"] < 3 and stopped["step"] == 2 * (stopped["epoch"] + 1) + stopped["iteration"]
-    assert train(cohort[1], tmp_path / "straight", *args) == 0
-    assert train(cohort[1], tmp_path / "split", *args, "--resume", str(tmp_path / "split" / "model_last.pth")) == 0
+    assert train(tiny_cohort[1], tmp_path / "straight", *args) == 0
+    assert train(tiny_cohort[1], tmp_path / "split", *args, "--resume", str(tmp_path / "split" / "model_last.pth")) == 0
     assert_same_run(last(tmp_path / "straight"), last(tmp_path / "split"))
 
 
-def test_torchrun_trains_with_two_cpu_processes(cohort, tmp_path):
+def test_torchrun_trains_with_two_cpu_processes(tiny_cohort, tmp_path):
     save = tmp_path / "ddp"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            os.path.join(ROOT, "train_poly.py"), "--datapath", cohort[1], "--savepath", str(save), "--device", "cpu",
+            os.path.join(ROOT, "train_poly.py"), "--datapath", tiny_cohort[1], "--savepath", str(save), "--device", "cpu",
             "--num_workers", "0", "--no_progress", "--num_epochs", "1", "--iter_per_epoch", "2"] + TINY
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
@@ -296,12 +323,12 @@ def test_torchrun_trains_with_two_cpu_processes(cohort, tmp_path):
     assert (ckpt["epoch"], ckpt["step"]) == (0, 2) and not any(k.startswith("module.") for k in ckpt["state_dict"])
     # the validation Dice gathered over the two ranks equals one process's
     model, _ = load_model(str(save / "best.pth"))
-    dice = training.validate(model, EvalDataset(cohort[1], os.path.join(cohort[1], "splits", "val15splits.csv")))
+    dice = training.validate(model, EvalDataset(tiny_cohort[1], os.path.join(tiny_cohort[1], "splits", "val15splits.csv")))
     assert ckpt["val_Dice_best"] == pytest.approx(sum(dice.values()) / 3, abs=1e-6)
 
 
-def test_amp_trains_in_bf16_autocast_with_float32_weights(cohort, tmp_path):
-    assert train(cohort[1], tmp_path, "--num_epochs", "1", "--iter_per_epoch", "1", "--val_file", "", "--amp") == 0
+def test_amp_trains_in_bf16_autocast_with_float32_weights(tiny_cohort, tmp_path):
+    assert train(tiny_cohort[1], tmp_path, "--num_epochs", "1", "--iter_per_epoch", "1", "--val_file", "", "--amp") == 0
     ckpt = last(tmp_path)
     torch.manual_seed(999)
     initial = build_model("imfuse", **ckpt["config"]).state_dict()
@@ -309,9 +336,9 @@ def test_amp_trains_in_bf16_autocast_with_float32_weights(cohort, tmp_path):
     assert any(not torch.equal(v, initial[k]) for k, v in ckpt["state_dict"].items())
 
 
-def test_a_truncated_case_file_is_one_line_in_train_and_test(cohort, tmp_path, capsys):
+def test_a_truncated_case_file_is_one_line_in_train_and_test(tiny_cohort, tmp_path, capsys):
     npy = tmp_path / "npy"
-    shutil.copytree(cohort[1], npy)
+    shutil.copytree(tiny_cohort[1], npy)
     case = EvalDataset(str(npy), os.path.join(npy, "splits", "test15splits.csv")).entries[0][0]
     vol = npy / "vol" / f"{case}_vol.npy"
     with open(vol, "r+b") as f:

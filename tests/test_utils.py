@@ -1,5 +1,5 @@
-"""Losses, poly schedule, BraTS metrics and sliding-window inference against hand-computed
-values and independent definitions."""
+"""Losses, learning-rate schedules, recipes, BraTS metrics and sliding-window inference
+against hand-computed values and independent definitions."""
 import itertools
 import math
 
@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from utils.inference import sliding_window, window_starts
-from utils.losses import segmentation_loss, soft_dice_loss, total_loss, weighted_cross_entropy, one_hot
+from engine.inference import sliding_window, window_starts
+from models import build_model
+from utils.losses import one_hot, region_targets, segmentation_loss, soft_dice_loss, weighted_cross_entropy
 from utils.metrics import HD95_ONE_EMPTY, brats_metrics, hd95
-from utils.schedule import poly_lr, set_lr
+from utils.recipe import Recipe
+from utils.schedule import LRSchedule, make_optimizer
 
 
 def probs(*columns):
@@ -41,23 +43,110 @@ def test_soft_dice_by_hand_sums_over_the_batch():
         weighted_cross_entropy(p, t).item() + soft_dice_loss(p, t).item(), rel=1e-12)
 
 
-def test_total_loss_sums_every_output():
+def test_imfuse_loss_sums_every_output():
     gen = torch.Generator().manual_seed(0)
     outs = [torch.rand(1, 4, 4, 4, 4, generator=gen).softmax(1) for _ in range(9)]
     label = torch.randint(0, 4, (1, 4, 4, 4), generator=gen)
-    total, parts = total_loss((outs[0], outs[1:5], outs[5:]), label)
+    model = build_model("imfuse", patch_size=16, width=1, dim=4, heads=1, mlp_dim=4)
+    total, parts = model.loss((outs[0], outs[1:5], outs[5:]), {"label": label})
     want = sum(segmentation_loss(o, label) for o in outs)
     assert total.item() == pytest.approx(want.item(), rel=1e-6)
     assert parts["fused"].item() == pytest.approx(segmentation_loss(outs[0], label).item())
+    assert set(parts) == {"fused", "aux", "deep"}
 
 
-def test_poly_schedule_values():
-    assert poly_lr(2e-4, 0, 1000) == 2e-4
-    assert poly_lr(2e-4, 500, 1000) == pytest.approx(2e-4 * 0.5 ** 0.9)
-    assert poly_lr(2e-4, 999, 1000) == pytest.approx(2e-4 * 0.001 ** 0.9)
-    opt = torch.optim.RAdam([torch.zeros(1, requires_grad=True)], lr=1.0)
-    set_lr(opt, poly_lr(2e-4, 100, 1000))
-    assert opt.param_groups[0]["lr"] == pytest.approx(2e-4 * 0.9 ** 0.9)
+def test_region_targets_by_hand():
+    label = torch.tensor([[0, 1, 2, 3]])
+    assert region_targets(label)[0].tolist() == [[0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]]  # WT, TC, ET
+
+
+def lrs(recipe, epochs, iters, groups=(1.0,)):
+    """The lr of every group at every iteration of a run, as LRSchedule sets them."""
+    params = [{"params": [torch.zeros(1, requires_grad=True)], "lr": recipe.lr * g} for g in groups]
+    optimizer = make_optimizer(recipe, params)
+    schedule = LRSchedule(optimizer, recipe, iters)
+    out = []
+    for e in range(epochs):
+        schedule.start_epoch(e)
+        for i in range(iters):
+            schedule.start_iteration(e, i)
+            out.append([group["lr"] for group in optimizer.param_groups])
+    return out
+
+
+def test_schedules_against_their_formulas():
+    E, I, lr = 5, 3, 2e-4
+    poly_e = lrs(Recipe(lr=lr, num_epochs=E), E, I)
+    assert poly_e == [[lr * (1 - (k // I) / E) ** 0.9] for k in range(E * I)]  # the same at every iteration of an epoch
+    poly_i = lrs(Recipe(lr=lr, num_epochs=E, schedule="poly_iteration", schedule_args={"power": 2.0}), E, I)
+    assert [g[0] for g in poly_i] == pytest.approx([lr * (1 - k / (E * I)) ** 2 for k in range(E * I)], rel=1e-12)
+    cos = lrs(Recipe(lr=lr, num_epochs=E, schedule="cosine"), E, I, groups=(1.0, 10.0))
+    for k, (a, b) in enumerate(cos):  # every group scaled alike
+        want = lr * (1 + math.cos(math.pi * (k // I) / E)) / 2
+        assert a == pytest.approx(want, rel=1e-12) and b == pytest.approx(10 * want, rel=1e-12)
+    # torch's own cosine annealing, stepped per epoch, agrees
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    torch_cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, E)
+    for e in range(E):
+        assert cos[e * I][0] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        torch_cos.step()
+    assert lrs(Recipe(lr=lr, schedule="constant"), 2, 2) == [[lr]] * 4
+
+
+def test_plateau_follows_the_validation_score_and_resumes():
+    recipe = Recipe(lr=1.0, optimizer="adam", schedule="plateau", schedule_args={"patience": 1, "factor": 0.5})
+    optimizer = make_optimizer(recipe, [torch.zeros(1, requires_grad=True)])
+    schedule = LRSchedule(optimizer, recipe, 10)
+    got = [schedule.validated(score) for score in (0.5, 0.6, 0.6, 0.6, 0.7, 0.7)]
+    assert got == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]  # two checks without gain halve it (patience 1)
+    assert schedule.start_epoch(3) == 0.5  # the epoch boundary leaves it alone
+    resumed = LRSchedule(make_optimizer(recipe, [torch.zeros(1, requires_grad=True)]), recipe, 10)
+    resumed.optimizer.load_state_dict(optimizer.state_dict())
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.validated(0.7) == schedule.validated(0.7) == 0.25
+
+
+def test_optimizers_take_their_arguments():
+    p = [torch.zeros(1, requires_grad=True)]
+    adam = make_optimizer(Recipe(optimizer="adam", optimizer_args={"amsgrad": True}, lr=1e-3, weight_decay=1e-5), p)
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["amsgrad"]
+    assert adam.param_groups[0]["weight_decay"] == 1e-5 and adam.param_groups[0]["initial_lr"] == 1e-3
+    sgd = make_optimizer(Recipe(optimizer="sgd", optimizer_args={"momentum": 0.99, "nesterov": True}), p)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
+    assert sgd.param_groups[0]["momentum"] == 0.99
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"optimizer": "lion"}, "optimizer 'lion'"), ({"schedule": "cosine", "schedule_args": {"power": 1}}, "takes no power"),
+    ({"subset_weights": (1,) * 14}, "15 non-negative"), ({"subset_weights": (0,) * 15}, "not all zero"),
+    ({"augmentations": ("elastic",)}, "unknown augmentation 'elastic'"), ({"batch_size": 0}, "batch_size"),
+    ({"foreground_oversampling": 1.5}, "foreground_oversampling"), ({"optimizer_args": {"foo": 1}}, "radam takes no foo")])
+def test_recipe_refuses_bad_values_in_one_line(change, needle):
+    with pytest.raises(ValueError, match="recipe: ") as err:
+        Recipe(**change)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"optimizer": "sgd", "optimizer_args": {"momentum": -1.0}}, "sgd with {'momentum': -1.0}: Invalid momentum"),
+    ({"optimizer": "adam", "optimizer_args": {"betas": [0.9]}}, "adam with {'betas': [0.9]}"),
+    ({"schedule": "plateau", "schedule_args": {"factor": 2.0}}, "plateau with {'factor': 2.0}"),
+    ({"schedule": "plateau", "schedule_args": {"patience": "a"}}, "plateau with {'patience': 'a'}"),  # fails when stepped
+    ({"schedule_args": {"power": "a"}}, "power must be a positive number")])
+def test_bad_optimizer_and_schedule_values_are_refused_with_the_recipe(values, needle):
+    with pytest.raises(ValueError, match="recipe: ") as err:
+        Recipe(**values)
+    assert needle in str(err.value)
+
+
+def test_recipe_round_trip_through_a_checkpoint(tmp_path):
+    recipe = Recipe(optimizer="sgd", optimizer_args={"nesterov": True, "momentum": 0.9}, subset_weights=tuple(range(1, 16)),
+                    augmentations=("flip",), iter_per_epoch=7)
+    torch.save(recipe.as_dict(), tmp_path / "r.pth")
+    assert Recipe.from_dict(torch.load(tmp_path / "r.pth", weights_only=True)) == recipe
+    with pytest.raises(ValueError, match="unknown field 'crop'"):
+        Recipe.from_dict({"crop": 3})
 
 
 def surface_points(mask):
@@ -140,25 +229,41 @@ def test_window_starts_by_hand():
     assert window_starts(16, 16, 8) == [0]
 
 
+@pytest.mark.parametrize("window", [16, (16, 8, 12)])
 @pytest.mark.parametrize("dims", [(40, 37, 33), (16, 16, 16), (10, 20, 17)])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_sliding_window_reproduces_the_identity_and_covers_every_voxel(dims, batch_size):
+def test_sliding_window_reproduces_the_identity_and_covers_every_voxel(dims, batch_size, window):
     volume = torch.randn(4, *dims, dtype=torch.float64)
+    size = (window,) * 3 if isinstance(window, int) else window
     calls = []
 
-    def identity(windows):  # (B, M, P, P, P) -> (B, S=2, K=M, P, P, P)
+    def identity(windows):  # (B, M, *window) -> (B, S=2, K=M, *window)
         calls.append(windows.shape)
         return torch.stack([windows, 2 * windows], dim=1)
 
-    out = sliding_window(volume, 16, identity, batch_size=batch_size)
+    out = sliding_window(volume, window, identity, batch_size=batch_size)
     assert out.shape == (2, 4, *dims)
     torch.testing.assert_close(out[0], volume, rtol=0, atol=1e-12)
     torch.testing.assert_close(out[1], 2 * volume, rtol=0, atol=1e-12)
     n_windows = 1
-    for d in dims:
-        n_windows *= len(window_starts(max(d, 16), 16, 8))
+    for d, w in zip(dims, size):
+        n_windows *= len(window_starts(max(d, w), w, w // 2))  # stride half the window per axis
     assert sum(shape[0] for shape in calls) == n_windows
-    assert all(shape[1:] == (4, 16, 16, 16) and shape[0] <= batch_size for shape in calls)
-    ones = sliding_window(torch.ones(1, *dims), 16, lambda w: torch.ones_like(w)[:, None],
+    assert all(shape[1:] == (4, *size) and shape[0] <= batch_size for shape in calls)
+    ones = sliding_window(torch.ones(1, *dims), window, lambda w: torch.ones_like(w)[:, None],
                           batch_size=batch_size)
     assert torch.equal(ones, torch.ones(1, 1, *dims))  # uniform average: the weights sum to 1
+
+
+def test_anisotropic_window_starts_by_hand():
+    x, y, z = torch.meshgrid(torch.arange(20), torch.arange(10), torch.arange(9), indexing="ij")
+    volume = (10000 * x + 100 * y + z)[None].double()  # each voxel holds its coordinates
+    starts = []
+
+    def record(windows):
+        starts.extend(int(v) for v in windows[:, 0, 0, 0, 0])
+        return windows[:, None]
+
+    sliding_window(volume, (8, 10, 4), record, batch_size=5)
+    # x: stride 4, last flush at 12; y: one window; z: stride 2, last flush at 5
+    assert sorted(starts) == sorted(10000 * a + c for a in (0, 4, 8, 12) for c in (0, 2, 4, 5))

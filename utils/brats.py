@@ -1,6 +1,6 @@
 """BraTS 2023 definitions shared by every part of the project (SPEC sections 1 and 2):
 the modality order, the 15 modality subsets in the order the paper reports them, the
-labels and the evaluation regions."""
+labels, the evaluation regions and the two kinds of model output."""
 
 # Channel order everywhere (inputs, masks, checkpoints).
 MODALITIES = ("flair", "t1c", "t1", "t2")
@@ -47,6 +47,24 @@ LEGACY_LABEL_MAP = {4: 3}
 
 # Evaluation regions: the labels each one contains.
 REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+
+# What a model's output maps are: softmax probabilities of the labels ("classes") or sigmoid
+# probabilities of the regions ("regions"), channel by channel.
+OUTPUT_CHANNELS = {"classes": tuple(LABELS.values()), "regions": tuple(REGIONS)}
+OUTPUT_ACTIVATION = {"classes": "softmax", "regions": "sigmoid"}
+REGION_THRESHOLD = 0.5
+
+
+def to_labels(output, kind, axis=0):
+    """Output maps (numpy array or torch tensor, channels along `axis`) -> integer label map.
+    classes: argmax. regions (WT, TC, ET): the BraTS rule, ET where P(ET) > 0.5, else NCR
+    where P(TC) > 0.5, else ED where P(WT) > 0.5, else background."""
+    if kind == "classes":
+        return output.argmax(axis)
+    if kind != "regions":
+        raise ValueError(f"unknown output kind {kind!r}; use one of {', '.join(OUTPUT_CHANNELS)}")
+    wt, tc, et = (output[(slice(None),) * axis + (k,)] > REGION_THRESHOLD for k in range(3))
+    return et * 3 + ~et * (tc * 1 + ~tc * wt * 2)
 
 
 def parse_subsets(text):

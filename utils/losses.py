@@ -1,11 +1,20 @@
-"""The training loss of SPEC section 4: weighted cross-entropy + soft Dice on softmax
-probabilities, summed over the fused, auxiliary and deep-supervision outputs."""
+"""Loss terms the models' losses are made of: weighted cross-entropy and soft Dice on
+probabilities (SPEC section 4), and the one-hot and region targets they compare with."""
+import torch
 import torch.nn.functional as F
+
+from .brats import REGIONS
 
 
 def one_hot(label, num_classes):
     """(B, *spatial) integer labels -> (B, K, *spatial) float one-hot."""
     return F.one_hot(label.long(), num_classes).movedim(-1, 1).float()
+
+
+def region_targets(label):
+    """(B, *spatial) integer labels -> (B, 3, *spatial) float masks of WT, TC, ET."""
+    return torch.stack([torch.isin(label, torch.tensor(labels, device=label.device))
+                        for labels in REGIONS.values()], dim=1).float()
 
 
 def weighted_cross_entropy(prob, target, clamp=0.005):
@@ -30,12 +39,3 @@ def segmentation_loss(prob, label):
     target = one_hot(label, prob.shape[1])
     return weighted_cross_entropy(prob, target) + soft_dice_loss(prob, target)
 
-
-def total_loss(outputs, label):
-    """outputs = (fused, [auxiliary], [deep supervision]) of a model in train mode ->
-    (total, {"fused": ..., "aux": ..., "deep": ...}) with the three parts for logging."""
-    fused, aux, deep = outputs
-    parts = {"fused": segmentation_loss(fused, label),
-             "aux": sum(segmentation_loss(p, label) for p in aux),
-             "deep": sum(segmentation_loss(p, label) for p in deep)}
-    return parts["fused"] + parts["aux"] + parts["deep"], parts

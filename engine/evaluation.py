@@ -1,16 +1,19 @@
-"""Evaluation over modality subsets (SPEC section 5): sliding-window segmentation of whole
-cropped volumes with each window encoded once and decoded for every subset, BraTS metrics
-per case and subset, and the per-subset summary (the paper's table)."""
+"""Evaluation over modality subsets (SPEC section 5) for any model of the contract
+(models/base.py): sliding-window output maps of whole cropped volumes (each window encoded
+once and decoded for every subset when the model has encode/decode, one forward pass per
+subset otherwise), labels by the model's output kind, BraTS metrics per case and subset, and
+the per-subset summary (the paper's table)."""
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data.preprocessing import read_meta
 from data.splits import format_mask
+from models.blocks import mask_modalities
+from utils.brats import OUTPUT_CHANNELS, subset_name, to_labels
+from utils.metrics import brats_metrics
+from utils.progress import progress_bar
 
-from .brats import subset_name
 from .inference import sliding_window
-from .metrics import brats_metrics
 
 DICE = ("WT", "TC", "ET", "ETpp")
 HD95 = ("HD95_WT", "HD95_TC", "HD95_ET")
@@ -20,18 +23,30 @@ SUMMARY_FIELDS = ("subset", "mask", "cases") + DICE + HD95
 
 @torch.no_grad()
 def predict_subsets(model, volume, subsets, batch_size=1, progress=False):
-    """volume (M, X, Y, Z) -> probabilities (S, K, X, Y, Z), one per subset, on the model's
-    device. Each window is encoded once, without the encoders of modalities that no subset
-    uses, and decoded once per subset."""
+    """volume (M, X, Y, Z) -> the model's output maps (S, K, X, Y, Z), one per subset, on the
+    model's device. With encode/decode each window is encoded once, with the images of the
+    modalities no subset uses set to zero (IM-Fuse skips their encoders), and decoded once per
+    subset (decode must ignore the modalities its mask marks absent); otherwise each subset is
+    one forward pass with the images of its absent modalities set to zero."""
     device = next(model.parameters()).device
     masks = torch.tensor(subsets, dtype=torch.bool, device=device)  # (S, M)
+    channels = len(OUTPUT_CHANNELS[model.output_kind])
 
-    def predict(windows):  # (B, M, P, P, P) -> (B, S, K, P, P, P)
+    def predict(windows):  # (B, M, *window) -> (B, S, K, *window)
         B = windows.shape[0]
-        features = model.encode(windows, masks.any(0).expand(B, -1))
-        return torch.stack([model.decode(features, m.expand(B, -1)).float() for m in masks], dim=1)
+        if hasattr(model, "encode"):
+            union = masks.any(0).expand(B, -1)
+            features = model.encode(mask_modalities(windows, union), union)
+            out = [model.decode(features, m.expand(B, -1)) for m in masks]
+        else:
+            out = [model(mask_modalities(windows, m.expand(B, -1)), m.expand(B, -1)) for m in masks]
+        out = torch.stack(out, dim=1).float()
+        if out.shape[2] != channels:
+            raise ValueError(f"the model outputs {out.shape[2]} channels; its output kind "
+                             f"{model.output_kind!r} has {channels}")
+        return out
 
-    return sliding_window(volume.to(device, torch.float32), model.patch_size, predict,
+    return sliding_window(volume.to(device, torch.float32), model.window, predict,
                           batch_size=batch_size, progress=progress)
 
 
@@ -44,13 +59,14 @@ def evaluate(model, dataset, subsets=None, batch_size=1, distances=True, progres
     was_training = model.training
     model.eval()
     rows = []
-    for index in tqdm(range(len(dataset)) if indices is None else indices, desc="evaluate", unit="case", disable=not progress):
+    for index in progress_bar(range(len(dataset)) if indices is None else indices, enabled=progress,
+                              desc="evaluate", unit="case"):
         sample = dataset[index]
         meta = read_meta(dataset.root, sample["name"])
         spacing = meta["spacing"] if meta else (1, 1, 1)
         case_subsets = list(subsets or [tuple(sample["mask"].tolist())])
         probs = predict_subsets(model, sample["image"], case_subsets, batch_size)
-        labels = probs.argmax(1).to(torch.uint8).cpu().numpy()
+        labels = to_labels(probs, model.output_kind, axis=1).to(torch.uint8).cpu().numpy()
         del probs
         target = sample["label"].numpy()
         for mask, pred in zip(case_subsets, labels):
@@ -88,10 +104,3 @@ def summary_markdown(summary):
         lines.append("| " + " | ".join([s["subset"], str(s["cases"])] + values) + " |")
     return "\n".join(lines) + "\n"
 
-
-def uncrop(cropped, shape, box):
-    """cropped (..., x, y, z) placed back at the crop box `box` of the native grid `shape`
-    (X, Y, Z) -> (..., X, Y, Z), zeros outside."""
-    full = np.zeros(cropped.shape[:-3] + tuple(shape), dtype=cropped.dtype)
-    full[(...,) + tuple(slice(lo, hi) for lo, hi in box)] = cropped
-    return full

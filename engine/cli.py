@@ -1,0 +1,130 @@
+"""Command-line flags shared by train_poly.py, test.py and predict.py: the model and its
+configuration (the original code's flag names), and one flag per recipe field."""
+import argparse
+import dataclasses
+import json
+
+from models import list_models
+from utils.brats import SUBSETS
+from utils.recipe import AUGMENTATIONS, Recipe, format_value
+from utils.schedule import OPTIMIZERS, SCHEDULES
+
+from .models import DEFAULT_MODEL, ModelError, accepts, model_class
+
+# flag -> constructor argument, for the models that have it
+VARIANT_FLAGS = {"interleaved_tokenization": "interleaved", "mamba_skip": "mamba_skip", "first_skip": "first_skip"}
+SIZE_FLAGS = {"patch_size": int, "width": int, "dim": int, "heads": int, "mlp_dim": int, "dropout": float}
+
+
+def add_model_flags(parser, sizes=True, title="model"):
+    """--model and the configuration flags (only those given reach the constructor)."""
+    group = parser.add_argument_group(title)
+    group.add_argument("--model", help=f"registered model ({', '.join(list_models())}; default "
+                                       f"{DEFAULT_MODEL}) or your own class as path/to/file.py:ClassName "
+                                       "or package.module:ClassName")
+    group.add_argument("--patch_size", type=int, help="window side of cubic models (default: the model's, 128)")
+    group.add_argument("--interleaved_tokenization", action="store_true", help="IM-Fuse: I-MFB instead of MFB")
+    group.add_argument("--mamba_skip", action="store_true", help="IM-Fuse: Mamba fusion of the skip connections")
+    group.add_argument("--first_skip", action="store_true", help="IM-Fuse: a level-1 skip connection too")
+    if sizes:
+        group.add_argument("--window", nargs=3, type=int, metavar=("X", "Y", "Z"),
+                           help="window of a model whose constructor takes `window`")
+        for flag, kind in SIZE_FLAGS.items():
+            if flag != "patch_size":
+                group.add_argument(f"--{flag}", type=kind, help="model size (default: the paper's)")
+
+
+def model_config(parser, args, check=True):
+    """The constructor arguments the flags give, checked against the class of --model (default
+    imfuse): a flag the model does not take is a usage error. check=False: the class is not
+    known yet (a resumed run checks the flags against its checkpoint's model)."""
+    config = {name: True for flag, name in VARIANT_FLAGS.items() if getattr(args, flag)}
+    config.update({flag: getattr(args, flag) for flag in SIZE_FLAGS
+                   if getattr(args, flag, None) is not None})
+    if getattr(args, "window", None):
+        config["window"] = tuple(args.window)
+    if not check:
+        return config
+    spec = args.model or DEFAULT_MODEL
+    try:
+        cls = model_class(spec)
+    except ModelError as err:
+        parser.error(str(err))
+    flags = {name: flag for flag, name in VARIANT_FLAGS.items()}
+    for name in config:
+        if not accepts(cls, name):
+            parser.error(f"--{flags.get(name, name)} does not apply to model {spec!r}")
+    return config
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _json_dict(text):
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"amsgrad\": true}}', got {text}")
+    return value
+
+
+def _subset_weights(text):
+    if text.strip().lower() == "uniform":
+        return None
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'uniform' or {len(SUBSETS)} comma-separated numbers")
+    if len(weights) != len(SUBSETS):
+        raise argparse.ArgumentTypeError(f"expected {len(SUBSETS)} weights (one per subset, in the "
+                                         f"paper's order), got {len(weights)}")
+    return weights
+
+
+def _augmentations(text):
+    names = tuple(n.strip() for n in text.split(",") if n.strip() and n.strip().lower() != "none")
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown augmentation {unknown[0]!r}; use any of "
+                                         f"{', '.join(AUGMENTATIONS)} or none")
+    return names
+
+
+RECIPE_FLAGS = {  # recipe field -> (argparse keyword arguments, help)
+    "optimizer": (dict(choices=tuple(OPTIMIZERS)), ""),
+    "optimizer_args": (dict(type=_json_dict, metavar="JSON"), "e.g. '{\"amsgrad\": true}'"),
+    "lr": (dict(type=float), "base learning rate"),
+    "weight_decay": (dict(type=float), ""),
+    "schedule": (dict(choices=tuple(SCHEDULES)), "learning-rate schedule"),
+    "schedule_args": (dict(type=_json_dict, metavar="JSON"), "e.g. '{\"power\": 0.9}', '{\"patience\": 10}'"),
+    "num_epochs": (dict(type=_positive_int), "may also change when resuming"),
+    "iter_per_epoch": (dict(type=_positive_int), "iterations per epoch (recipe None: one pass over the cases)"),
+    "batch_size": (dict(type=_positive_int), "per process"),
+    "subset_weights": (dict(type=_subset_weights, metavar="W1,...,W15|uniform"),
+                       "probability of each modality subset, in the paper's order, up to normalisation"),
+    "augmentations": (dict(type=_augmentations, metavar="NAMES"),
+                      f"comma-separated, applied in order: any of {', '.join(AUGMENTATIONS)}, or none"),
+    "foreground_oversampling": (dict(type=float, metavar="P"),
+                                "probability of a crop centred on a tumour voxel"),
+}
+assert set(RECIPE_FLAGS) == {f.name for f in dataclasses.fields(Recipe)}
+
+
+def add_recipe_flags(parser):
+    """One flag per recipe field; a flag not given leaves the model's (or the checkpoint's) value."""
+    group = parser.add_argument_group("recipe (default: the model's; a resumed run keeps its checkpoint's)")
+    for name, (kwargs, help_text) in RECIPE_FLAGS.items():
+        imfuse = format_value(getattr(Recipe(), name))
+        group.add_argument(f"--{name}", default=argparse.SUPPRESS, help=f"{help_text} (IM-Fuse: {imfuse})".lstrip(),
+                           **kwargs)
+
+
+def recipe_flags(args):
+    """{field: value} of the recipe flags given."""
+    return {name: getattr(args, name) for name in RECIPE_FLAGS if hasattr(args, name)}

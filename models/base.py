@@ -1,0 +1,46 @@
+"""The model contract: what training, evaluation and prediction (the engine) need from a model.
+IM-Fuse, mmFormer and every competitor follow it; so can a researcher's own model, in a file
+of its own (`train_poly.py --model my_model.py:MyNet`). A model is an nn.Module with
+
+    window         3-tuple (X, Y, Z): the training crop and the sliding window of evaluation
+                   (cubic models derive it from their `patch_size` argument)
+    output_kind    "classes": softmax over background, NCR, ED, ET (4 channels), or
+                   "regions": sigmoid of WT, TC, ET, in that order (3 channels)
+    recipe         a utils.recipe.Recipe: the training defaults train_poly.py uses for it
+    forward(x, mask)
+                   x (B, 4, *window) in MODALITIES order, mask (B, 4) bool (the modalities
+                   present). Eval mode: the output maps (B, channels, *window) as
+                   probabilities of the output kind; they must not depend on the images of
+                   absent modalities. Train mode: whatever `loss` takes.
+    loss(outputs, batch) -> (total, {name: tensor})
+                   outputs: forward's in train mode; batch: {"image", "label", "mask"} as
+                   given to forward ("label" (B, *window) int64, labels 0-3). The parts are
+                   logged by name; parameters enter the loss through forward only.
+    encode(x, mask) -> features, decode(features, mask) -> output maps   (optional)
+                   with them, evaluation encodes each window once for all subsets
+                   (encode's mask: the union of the subsets); without, it runs one forward
+                   pass per subset.
+
+Constructor arguments are the model's configuration (checkpoints store them); sizes default
+to the original's.
+"""
+from utils.brats import OUTPUT_CHANNELS
+from utils.recipe import Recipe
+
+
+def contract_problem(model):
+    """What keeps `model` (an instance) from following the contract, in words, or None."""
+    window = getattr(model, "window", None)
+    if not (isinstance(window, tuple) and len(window) == 3
+            and all(isinstance(w, int) and w > 0 for w in window)):
+        return f"`window` must be a 3-tuple of positive ints, got {window!r}"
+    kind = getattr(model, "output_kind", None)
+    if kind not in OUTPUT_CHANNELS:
+        return f"`output_kind` must be one of {', '.join(map(repr, OUTPUT_CHANNELS))}, got {kind!r}"
+    if not isinstance(getattr(model, "recipe", None), Recipe):
+        return "`recipe` must be a utils.recipe.Recipe"
+    if not callable(getattr(model, "loss", None)):
+        return "no `loss(outputs, batch)` method"
+    if hasattr(model, "encode") != hasattr(model, "decode"):
+        return "`encode` and `decode` come together (or neither)"
+    return None

@@ -1,0 +1,17 @@
+"""Fixtures shared by the test modules."""
+import pytest
+
+from data.preprocessing import preprocess_all
+from data.synthetic import make_cohort
+from helpers import P
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory):
+    """(raw folder, preprocessed folder) of 6 synthetic 40x36x32 cases (4 train, 1 val, 1 test),
+    preprocessed with --min-size 32. Tests copy it before changing it."""
+    base = tmp_path_factory.mktemp("cohort")
+    raw, npy = str(base / "raw"), str(base / "npy")
+    make_cohort(raw, 6, seed=3, size=(40, 36, 32), workers=1)
+    preprocess_all(raw, npy, min_size=P, progress=False)
+    return raw, npy

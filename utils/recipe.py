@@ -1,0 +1,109 @@
+"""A model's training recipe: the values `train_poly.py` uses for it unless a flag says
+otherwise. Every model states its own (the `recipe` attribute of the model contract,
+models/base.py); the defaults are IM-Fuse's (SPEC section 4). A checkpoint stores the
+effective recipe (`as_dict`), so a resumed run continues with it.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .brats import SUBSETS
+from .schedule import OPTIMIZERS, SCHEDULES, optimizer_arguments, settings_problem
+
+AUGMENTATIONS = ("rotation", "intensity", "flip")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """optimizer: one of OPTIMIZERS, built with lr, weight_decay and optimizer_args (e.g.
+    {"amsgrad": True}, {"momentum": 0.99, "nesterov": True}); schedule: one of SCHEDULES with
+    schedule_args (utils/schedule.py); iter_per_epoch None: one pass over the training cases;
+    batch_size per process; subset_weights: None (uniform) or 15 weights in SUBSETS order,
+    the probability of each modality subset up to normalisation; augmentations: applied in
+    the order given; foreground_oversampling: the probability that a training crop is placed
+    around a random tumour voxel instead of uniformly."""
+
+    optimizer: str = "radam"
+    optimizer_args: dict = field(default_factory=dict)
+    lr: float = 2e-4
+    weight_decay: float = 3e-5
+    schedule: str = "poly_epoch"
+    schedule_args: dict = field(default_factory=dict)
+    num_epochs: int = 1000
+    iter_per_epoch: Optional[int] = None
+    batch_size: int = 1
+    subset_weights: Optional[tuple] = None
+    augmentations: tuple = AUGMENTATIONS
+    foreground_oversampling: float = 0.0
+
+    def __post_init__(self):
+        for name in ("subset_weights", "augmentations"):  # lists (from JSON or a checkpoint) as tuples
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        problem = self.problem()
+        if problem:
+            raise ValueError(f"recipe: {problem}")
+
+    def problem(self):
+        """What is wrong with the values, in words, or None."""
+        if self.optimizer not in OPTIMIZERS:
+            return f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"
+        if self.schedule not in SCHEDULES:
+            return f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}"
+        for name in ("optimizer_args", "schedule_args"):
+            if not isinstance(getattr(self, name), dict):
+                return f"{name} must be a dict, got {getattr(self, name)!r}"
+        unknown = set(self.optimizer_args) - set(optimizer_arguments(self.optimizer))
+        if unknown:
+            return (f"optimizer {self.optimizer} takes no {', '.join(sorted(unknown))} (it takes "
+                    f"{', '.join(optimizer_arguments(self.optimizer))})")
+        unknown = set(self.schedule_args) - set(SCHEDULES[self.schedule])
+        if unknown:
+            return (f"schedule {self.schedule} takes no {', '.join(sorted(unknown))} (it takes "
+                    f"{', '.join(SCHEDULES[self.schedule]) or 'no arguments'})")
+        if not (self.lr > 0 and self.weight_decay >= 0):
+            return f"lr must be positive and weight_decay not negative, got {self.lr}, {self.weight_decay}"
+        for name in ("num_epochs", "batch_size", "iter_per_epoch"):
+            value = getattr(self, name)
+            if not (value is None and name == "iter_per_epoch") and not (isinstance(value, int) and value >= 1):
+                return f"{name} must be a positive integer, got {value!r}"
+        w = self.subset_weights
+        if w is not None and (len(w) != len(SUBSETS) or any(not math.isfinite(x) or x < 0 for x in w)
+                              or sum(w) <= 0):
+            return f"subset_weights must be {len(SUBSETS)} non-negative numbers, not all zero, got {w!r}"
+        unknown = [a for a in self.augmentations if a not in AUGMENTATIONS]
+        if unknown:
+            return f"unknown augmentation {unknown[0]!r}; use any of {', '.join(AUGMENTATIONS)}"
+        if not 0 <= self.foreground_oversampling <= 1:
+            return f"foreground_oversampling must be in [0, 1], got {self.foreground_oversampling}"
+        return settings_problem(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self):
+        """Plain values, for checkpoints (torch.load with weights_only=True reads them)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"recipe: unknown field {sorted(unknown)[0]!r}")
+        return cls(**values)
+
+    def describe(self):
+        """One line: name=value for every field."""
+        return " ".join(f"{f.name}={format_value(getattr(self, f.name))}" for f in dataclasses.fields(self))
+
+
+def format_value(value):
+    """A recipe value as the log line and --help show it."""
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
