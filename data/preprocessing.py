@@ -139,12 +139,12 @@ def crop_box(nonzero, min_size):
     symmetrically to at least min_size (an int, or one per axis) and shifted inward at
     either border."""
     box = []
-    sizes = (min_size,) * nonzero.ndim if isinstance(min_size, int) else tuple(min_size)
-    for axis, (dim, min_size) in enumerate(zip(nonzero.shape, sizes)):
+    least = (min_size,) * nonzero.ndim if isinstance(min_size, int) else tuple(min_size)
+    for axis, (dim, smallest) in enumerate(zip(nonzero.shape, least)):
         other = tuple(a for a in range(nonzero.ndim) if a != axis)
         idx = np.flatnonzero(nonzero.any(axis=other))
         lo, hi = int(idx[0]), int(idx[-1]) + 1
-        size = min(max(hi - lo, min_size), dim)
+        size = min(max(hi - lo, smallest), dim)
         lo -= (size - (hi - lo)) // 2
         lo = min(max(lo, 0), dim - size)
         box.append((lo, lo + size))

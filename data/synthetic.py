@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
 from utils.brats import MODALITY_SUFFIXES, SEG_SUFFIX
 from utils.io import save_nifti
 from utils.progress import progress_bar
