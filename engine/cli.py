@@ -74,6 +74,15 @@ def _json_dict(text):
     return value
 
 
+def _recipe_value(field, value):
+    """value, checked as the recipe checks it (a usage error otherwise)."""
+    try:
+        Recipe(**{field: value})
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("recipe: "))
+    return value
+
+
 def _subset_weights(text):
     if text.strip().lower() == "uniform":
         return None
@@ -81,19 +90,12 @@ def _subset_weights(text):
         weights = tuple(float(w) for w in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'uniform' or {len(SUBSETS)} comma-separated numbers")
-    if len(weights) != len(SUBSETS):
-        raise argparse.ArgumentTypeError(f"expected {len(SUBSETS)} weights (one per subset, in the "
-                                         f"paper's order), got {len(weights)}")
-    return weights
+    return _recipe_value("subset_weights", weights)
 
 
 def _augmentations(text):
     names = tuple(n.strip() for n in text.split(",") if n.strip() and n.strip().lower() != "none")
-    unknown = [n for n in names if n not in AUGMENTATIONS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown augmentation {unknown[0]!r}; use any of "
-                                         f"{', '.join(AUGMENTATIONS)} or none")
-    return names
+    return _recipe_value("augmentations", names)
 
 
 RECIPE_FLAGS = {  # recipe field -> (argparse keyword arguments, help)
@@ -119,8 +121,9 @@ assert set(RECIPE_FLAGS) == {f.name for f in dataclasses.fields(Recipe)}
 def add_recipe_flags(parser):
     """One flag per recipe field; a flag not given leaves the model's (or the checkpoint's) value."""
     group = parser.add_argument_group("recipe (default: the model's; a resumed run keeps its checkpoint's)")
+    defaults = Recipe()
     for name, (kwargs, help_text) in RECIPE_FLAGS.items():
-        imfuse = format_value(getattr(Recipe(), name))
+        imfuse = format_value(getattr(defaults, name))
         group.add_argument(f"--{name}", default=argparse.SUPPRESS, help=f"{help_text} (IM-Fuse: {imfuse})".lstrip(),
                            **kwargs)
 

@@ -33,13 +33,13 @@ def predict_subsets(model, volume, subsets, batch_size=1, progress=False):
     channels = len(OUTPUT_CHANNELS[model.output_kind])
 
     def predict(windows):  # (B, M, *window) -> (B, S, K, *window)
-        B = windows.shape[0]
+        batch_masks = masks[:, None].expand(-1, windows.shape[0], -1)  # (S, B, M)
         if hasattr(model, "encode"):
-            union = masks.any(0).expand(B, -1)
+            union = batch_masks.any(0)
             features = model.encode(mask_modalities(windows, union), union)
-            out = [model.decode(features, m.expand(B, -1)) for m in masks]
+            out = [model.decode(features, m) for m in batch_masks]
         else:
-            out = [model(mask_modalities(windows, m.expand(B, -1)), m.expand(B, -1)) for m in masks]
+            out = [model(mask_modalities(windows, m), m) for m in batch_masks]
         out = torch.stack(out, dim=1).float()
         if out.shape[2] != channels:
             raise ValueError(f"the model outputs {out.shape[2]} channels; its output kind "

@@ -58,14 +58,18 @@ def _import(module_text, spec):
                 module_spec.loader.exec_module(module)
             except Exception as err:
                 del sys.modules[name]
-                raise ModelError(f"--model {spec}: importing {module_text} failed "
-                                 f"({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})")
+                raise _import_failed(spec, module_text, err)
         return sys.modules[name]
     try:
         return importlib.import_module(module_text)
     except Exception as err:
-        raise ModelError(f"--model {spec}: importing {module_text} failed "
-                         f"({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})")
+        raise _import_failed(spec, module_text, err)
+
+
+def _import_failed(spec, module_text, err):
+    """The one-line error for a module that raised while being imported."""
+    detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    return ModelError(f"--model {spec}: importing {module_text} failed ({type(err).__name__}: {detail})")
 
 
 def model_class(spec):
