@@ -3,7 +3,8 @@
     python benchmarks/bench_forward.py [--model imfuse] [--patch-sizes 64 128] [--repeats 3]
 
 Defaults: IM-Fuse in the paper configuration (I-MFB, mamba_skip), all four modalities
-present, batch 1. Prints the median and the minimum over the repeats (after one warm-up
+present, batch 1; patch sizes 64 and 128 for IM-Fuse and mmFormer, the original's for the
+other models. Prints the median and the minimum over the repeats (after one warm-up
 pass, which also compiles the numba kernels) and the peak resident memory of the process.
 """
 import argparse
@@ -18,19 +19,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import build_model  # noqa: E402
 
-PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}}
+PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}, "robustseg": {}, "sfusion": {}}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="imfuse", choices=sorted(PAPER))
-    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--patch-sizes", type=int, nargs="+")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     print(f"{args.model} {PAPER[args.model]}, eval forward, batch 1, all modalities, "
           f"{args.device}, {torch.get_num_threads()} threads")
-    for P in args.patch_sizes:
+    sizes = args.patch_sizes or ([64, 128] if args.model in ("imfuse", "mmformer")
+                                 else [build_model(args.model).patch_size])
+    for P in sizes:
         torch.manual_seed(0)
         model = build_model(args.model, patch_size=P, **PAPER[args.model]).to(args.device).eval()
         x = torch.randn(1, 4, P, P, P, device=args.device)

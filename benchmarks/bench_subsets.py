@@ -1,10 +1,11 @@
 """Evaluating all 15 modality subsets: each window encoded once and decoded per subset
 (engine.evaluation.predict_subsets, what test.py does) against 15 full forward passes.
 
-    python benchmarks/bench_subsets.py [--patch-size 64] [--volume 64 64 64] [--repeats 3]
+    python benchmarks/bench_subsets.py [--model imfuse] [--patch-size 64] [--volume 64 64 64] [--repeats 3]
 
 Defaults: IM-Fuse in the paper configuration, one P^3 volume (a single window), two CPU
-threads as the machine gives. Checks that both give the same probabilities and prints the
+threads as the machine gives; any model with encode/decode (imfuse, mmformer, robustseg,
+sfusion). Checks that both give the same probabilities and prints the
 medians and their ratio (target: at least 2x).
 """
 import argparse
@@ -42,19 +43,21 @@ def timed(fn, repeats):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="imfuse")
     parser.add_argument("--patch-size", type=int, default=64)
     parser.add_argument("--volume", type=int, nargs=3, help="volume size (default: one window)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     P = args.patch_size
     torch.manual_seed(0)
-    model = build_model("imfuse", patch_size=P, interleaved=True, mamba_skip=True).eval()
+    config = dict(interleaved=True, mamba_skip=True) if args.model == "imfuse" else {}
+    model = build_model(args.model, patch_size=P, **config).eval()
     volume = torch.randn(4, *(args.volume or (P, P, P)))
     predict_subsets(model, volume, SUBSETS[:1])  # warm-up (numba compilation)
     shared_s, shared = timed(lambda: predict_subsets(model, volume, SUBSETS), args.repeats)
     full_s, full = timed(lambda: full_passes(model, volume), args.repeats)
     diff = (shared - full).abs().max().item()
-    print(f"IM-Fuse (paper configuration), P = {P}, volume {tuple(volume.shape[1:])}, "
+    print(f"{args.model} {config}, P = {P}, volume {tuple(volume.shape[1:])}, "
           f"{torch.get_num_threads()} threads, medians of {args.repeats}")
     print(f"15 full forward passes:        {full_s:7.2f} s")
     print(f"encode once, decode 15 times:  {shared_s:7.2f} s")

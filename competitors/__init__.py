@@ -1,5 +1,7 @@
 """The models IM-Fuse is compared with, on the shared data, training and evaluation code.
 Importing this package registers them with `models.build_model`."""
 from .mmformer import MMFormer
+from .robustseg import RobustSeg
+from .sfusion import SFusion
 
-__all__ = ["MMFormer"]
+__all__ = ["MMFormer", "RobustSeg", "SFusion"]

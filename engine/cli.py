@@ -13,7 +13,8 @@ from .models import DEFAULT_MODEL, ModelError, accepts, model_class
 
 # flag -> constructor argument, for the models that have it
 VARIANT_FLAGS = {"interleaved_tokenization": "interleaved", "mamba_skip": "mamba_skip", "first_skip": "first_skip"}
-SIZE_FLAGS = {"patch_size": int, "width": int, "dim": int, "heads": int, "mlp_dim": int, "dropout": float}
+SIZE_FLAGS = {"patch_size": int, "width": int, "dim": int, "heads": int, "mlp_dim": int, "dropout": float,
+              "depth": int, "token_grid": int}
 
 
 def add_model_flags(parser, sizes=True, title="model"):

@@ -295,7 +295,8 @@ def _train(cfg, run, log):
                         worker_init_fn=_ignore_signals)
     net = model
     if run.world > 1:
-        net = DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda" else None,
+                                      find_unused_parameters=getattr(model, "unused_parameters", False))
     writer = SummaryWriter(os.path.join(cfg.savepath, "summary"), purge_step=state.step + 1) \
         if run.main else None
     log(f"recipe ({source}): {recipe.describe()}")

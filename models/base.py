@@ -20,6 +20,10 @@ of its own (`train_poly.py --model my_model.py:MyNet`). A model is an nn.Module 
                    with them, evaluation encodes each window once for all subsets
                    (encode's mask: the union of the subsets); without, it runs one forward
                    pass per subset.
+    unused_parameters   (optional, default False)
+                   True when a training step may leave parameters without a gradient (e.g.
+                   the encoders of absent modalities); distributed training then looks for
+                   them at every step.
 
 Constructor arguments are the model's configuration (checkpoints store them); sizes default
 to the original's.

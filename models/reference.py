@@ -1,13 +1,16 @@
-"""Checkpoints of the original IM-Fuse and mmFormer code: `from_reference` loads one into a
-model of this project, `to_reference` writes a model in that format.
+"""Checkpoints of the original code of IM-Fuse and the competitors: `from_reference` loads one
+into a model of this project, `to_reference` writes a model in that format.
 
 The original training scripts save {"state_dict": DataParallel(model).state_dict(), ...}:
 keys carry a "module." prefix and follow the original attribute names
 ("flair_encoder.e1_c1.weight", "mamba_fusion_layers.3.mamba_layer.mamba.mamba.A_log", ...).
 Each model states its correspondence as (our key prefix, original key prefix) pairs
-(`reference_renames`) and lists the tensors the original builds but never uses
-(`reference_unused`): those are dropped on loading and re-created on export, so the
-original code can load what `to_reference` writes.
+(`reference_renames`) and, where the original builds tensors it never uses, lists them
+(`reference_unused`, optional): those are dropped on loading (`reference_droppable`, optional,
+default their prefixes) and re-created on export, so the original code can load what
+`to_reference` writes. A model class may also say what it recognises in an original state
+(`reference_facts(state)`, a classmethod returning phrases), for the message that refuses a
+checkpoint that does not fit.
 """
 import os
 
@@ -56,9 +59,13 @@ def reference_state(model, include_unused=True):
     """The model's state in the original key format, without the "module." prefix."""
     state = rename_state(model.state_dict(), model.reference_renames())
     if include_unused:
-        for prefix, make in model.reference_unused():
+        for prefix, make in _unused(model):
             state.update({prefix + key: value for key, value in make().items()})
     return state
+
+
+def _unused(model):
+    return model.reference_unused() if hasattr(model, "reference_unused") else []
 
 
 def to_reference(model, path=None, include_unused=True):
@@ -109,6 +116,10 @@ def _looks_like(state):
     if "fused_pos" in state and rfm4 is not None:
         facts.append(f"mamba_skip={rfm4.shape[1] == rfm4.shape[0]}")
         facts.append(f"first_skip={'decoder_fuse.RFM1.fusion_layer.0.conv.weight' in state}")
+    from . import _REGISTRY
+    for cls in dict.fromkeys(_REGISTRY.values()):
+        if hasattr(cls, "reference_facts"):
+            facts += cls.reference_facts(state)
     return ", ".join(facts) or "nothing recognisable"
 
 
@@ -120,7 +131,8 @@ def _config_text(model):
 def load_reference_state(model, checkpoint):
     """Load an original checkpoint (dict or path) into `model`; refuse one that does not fit."""
     source, original = _read(checkpoint)
-    unused = tuple(model.reference_droppable())
+    unused = tuple(model.reference_droppable() if hasattr(model, "reference_droppable")
+                   else [prefix for prefix, _ in _unused(model)])
     state = {key: value for key, value in original.items() if not key.startswith(unused)}
     own = model.state_dict()
     expected = rename_state(own, model.reference_renames())  # reference key -> our tensor
