@@ -5,7 +5,7 @@
 
 Defaults: IM-Fuse in the paper configuration, one P^3 volume (a single window), two CPU
 threads as the machine gives; any model with encode/decode (imfuse, mmformer, robustseg,
-sfusion). Checks that both give the same probabilities and prints the
+sfusion, uhved). Checks that both give the same probabilities and prints the
 medians and their ratio (target: at least 2x).
 """
 import argparse

@@ -3,5 +3,6 @@ Importing this package registers them with `models.build_model`."""
 from .mmformer import MMFormer
 from .robustseg import RobustSeg
 from .sfusion import SFusion
+from .uhved import UHVED
 
-__all__ = ["MMFormer", "RobustSeg", "SFusion"]
+__all__ = ["MMFormer", "RobustSeg", "SFusion", "UHVED"]

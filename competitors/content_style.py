@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.base import check_input
 from models.blocks import mask_modalities
 from utils.losses import segmentation_loss
 
@@ -176,20 +177,11 @@ class ContentStyleNet(nn.Module):
     def window(self):
         return (self.patch_size,) * 3
 
-    def _check_input(self, x, mask):
-        P, M = self.patch_size, self.num_modalities
-        if x.dim() != 5 or x.shape[1] != M or tuple(x.shape[2:]) != (P, P, P):
-            raise ValueError(f"input must be (batch, {M}, {P}, {P}, {P}) for patch size {P}, got {tuple(x.shape)}")
-        if tuple(mask.shape) != (x.shape[0], M):
-            raise ValueError(f"mask must be (batch, {M}) bool, got {tuple(mask.shape)}")
-        if not mask.any(1).all():
-            raise ValueError("every sample needs at least one modality")
-
     def encode(self, x, mask):
         """x (B, M, P, P, P) -> the content maps of each modality present in some sample of
         `mask` (None for the others); they do not depend on the mask, so evaluation encodes a
         window once for all subsets."""
-        self._check_input(x, mask)
+        check_input(self, x, mask)
         run = mask.any(0).tolist()
         return [enc(x[:, m:m + 1]) if run[m] else None for m, enc in enumerate(self.content_encoders)]
 
@@ -202,7 +194,7 @@ class ContentStyleNet(nn.Module):
     def forward(self, x, mask):
         if not self.training:
             return self.decode(self.encode(x, mask), mask)
-        self._check_input(x, mask)
+        check_input(self, x, mask)
         mask = mask.to(device=x.device, dtype=torch.bool)
         contents = [enc(x[:, m:m + 1]) for m, enc in enumerate(self.content_encoders)]
         fused = self.fuse(contents, mask)

@@ -32,6 +32,19 @@ from utils.brats import OUTPUT_CHANNELS
 from utils.recipe import Recipe
 
 
+def check_input(model, x, mask=None):
+    """ValueError unless x is (B, M, *model.window) with M = model.num_modalities and the mask,
+    when given, (B, M) with a modality in every sample."""
+    M, window = model.num_modalities, tuple(model.window)
+    if x.dim() != 5 or x.shape[1] != M or tuple(x.shape[2:]) != window:
+        raise ValueError(f"input must be (batch, {M}, {', '.join(map(str, window))}) for the window "
+                         f"{'x'.join(map(str, window))}, got {tuple(x.shape)}")
+    if mask is not None and tuple(mask.shape) != (x.shape[0], M):
+        raise ValueError(f"mask must be (batch, {M}) bool, got {tuple(mask.shape)}")
+    if mask is not None and not mask.any(1).all():
+        raise ValueError("every sample needs at least one modality")
+
+
 def contract_problem(model):
     """What keeps `model` (an instance) from following the contract, in words, or None."""
     window = getattr(model, "window", None)

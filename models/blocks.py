@@ -12,6 +12,7 @@ from utils.brats import CHECKPOINT_NAMES
 from utils.losses import segmentation_loss
 from utils.recipe import Recipe
 
+from .base import check_input
 from .reference import block_renames
 
 
@@ -249,14 +250,6 @@ class MultiEncoderNet(nn.Module):
         bottleneck map (B, bottleneck_ch, p, p, p))."""
         raise NotImplementedError
 
-    def _check_input(self, x, mask):
-        P, M = self.patch_size, self.num_modalities
-        if x.dim() != 5 or x.shape[1] != M or tuple(x.shape[2:]) != (P, P, P):
-            raise ValueError(f"input must be (batch, {M}, {P}, {P}, {P}) for patch size {P}, "
-                             f"got {tuple(x.shape)}")
-        if mask is not None and tuple(mask.shape) != (x.shape[0], M):
-            raise ValueError(f"mask must be (batch, {M}) bool, got {tuple(mask.shape)}")
-
     def _encoder_features(self, x, skip=()):
         """Per-modality encoder outputs stacked: 5 tensors (B, M, C_l, *grid_l). Modalities
         listed in `skip` are not run; their features are zeros."""
@@ -279,7 +272,7 @@ class MultiEncoderNet(nn.Module):
         """x (B, M, P, P, P) in MODALITIES order -> [x1, x2, x3, x4, intra-modal x5], each
         (B, M, C, ...). With a mask, encoders of modalities absent in every sample are skipped
         (their features are zeros, as decode would make them)."""
-        self._check_input(x, mask)
+        check_input(self, x, mask)
         skip = () if mask is None else [m for m in range(self.num_modalities) if not mask[:, m].any()]
         feats = self._encoder_features(x, skip)
         return feats[:-1] + [self._intra(feats[-1], skip)]
@@ -296,7 +289,7 @@ class MultiEncoderNet(nn.Module):
     def forward(self, x, mask):
         if not self.training:
             return self.decode(self.encode(x, mask), mask)
-        self._check_input(x, mask)
+        check_input(self, x, mask)
         feats = self._encoder_features(x)
         aux = [self.aux_decoder([f[:, m] for f in feats]) for m in range(self.num_modalities)]
         fused, deep = self.decode(feats[:-1] + [self._intra(feats[-1])], mask, deep_supervision=True)

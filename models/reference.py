@@ -150,7 +150,8 @@ def load_reference_state(model, checkpoint):
             k = wrong[0]
             detail.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the "
                           f"checkpoint, {tuple(expected[k].shape)} in the model)")
-        flags = "patch_size" + (", mamba_skip and first_skip" if hasattr(model, "mamba_skip") else "")
+        flags = ("patch_size, mamba_skip and first_skip" if hasattr(model, "mamba_skip")
+                 else "the model's sizes (patch_size, width, ...)")
         raise ReferenceCheckpointError(
             f"{source} does not fit {_config_text(model)}: {'; '.join(detail)}. The checkpoint "
             f"looks like {_looks_like(original)}; check {flags} (and the model name)")

@@ -14,9 +14,8 @@ import competitors  # noqa: F401  (registers the competitors)
 import reference_content_style as R
 from competitors.content_style import kl_term
 from competitors.sfusion import depth_to_space, positional_encoding
-from engine.evaluation import predict_subsets
-from engine.inference import sliding_window, window_starts
-from helpers import ROOT, script
+from engine.inference import window_starts
+from helpers import ROOT, assert_shared_encoding_matches_forward, script
 from models import ReferenceCheckpointError, build_model, from_reference, to_reference
 from utils.brats import SUBSET_NAMES, SUBSETS
 from utils.schedule import LRSchedule, make_optimizer
@@ -102,14 +101,7 @@ def test_absent_modalities_have_no_influence_and_each_sample_keeps_its_mask(name
 
 @pytest.mark.parametrize("name", NAMES)
 def test_evaluation_encodes_each_window_once_and_gives_the_forward_passes_probabilities(name):
-    model = make(name).eval()
-    volume = image(1, 24)[0]
-    shared = predict_subsets(model, volume, SUBSETS)
-    with torch.no_grad():
-        for mask, probs in zip(SUBSETS, shared):
-            m = torch.tensor([mask])
-            full = sliding_window(volume * m[0, :, None, None, None], model.window, lambda w: model(w, m)[:, None])
-            torch.testing.assert_close(probs, full[0], rtol=1e-4, atol=1e-6)
+    assert_shared_encoding_matches_forward(make(name).eval(), image(1, 24)[0], SUBSETS)
 
 
 def reference_state(model):

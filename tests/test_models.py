@@ -84,7 +84,7 @@ def test_patch_size_must_be_a_multiple_of_16():
     with pytest.raises(ValueError, match="multiple of 16"):
         build_model("imfuse", patch_size=40)
     model = make("imfuse")
-    with pytest.raises(ValueError, match="patch size 32"):
+    with pytest.raises(ValueError, match="for the window 32x32x32"):
         model.eval()(torch.zeros(1, 4, 48, 48, 48), torch.ones(1, 4, dtype=torch.bool))
 
 
