@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-all bench demo clean
+.PHONY: test test-all bench demo compare clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,29 @@ demo: $(VENV)/.installed  ## synthetic cohort -> preprocess -> train -> 15-subse
 	print(f\"full-modality WT Dice {float(s['FLAIR+T1c+T1+T2']['WT']):.3f} (target >= 0.70); mean ET Dice over the 8 subsets with T1c {et(True):.3f}, over the 7 without {et(False):.3f}\")"
 	@echo "outputs in $(DEMO)/: results/summary.md, results/figures/, run/ (tensorboard --logdir $(DEMO)/run)"
 
+# Every registered model in its small configuration (engine/small.py: the model's small_config and
+# small_recipe) trained on the demo's synthetic cohort, evaluated on the same 6 held-out cases
+# under the 15 subsets, then compare.py against IM-Fuse.
+COMPARE ?= compare_demo
+compare: $(VENV)/.installed  ## all models small on the synthetic cohort -> compare.py (CPU, ~40 min)
+	rm -rf $(COMPARE)
+	$(PY) -m data.synthetic --out $(COMPARE)/raw --cases 30 --seed 0 --size 64 64 48 --workers 2
+	$(PY) preprocess.py --input-path $(COMPARE)/raw --output-path $(COMPARE)/data --min-size 32 --workers 2
+	set -e; models=$$($(PY) -c "import engine, models; print(' '.join(models.list_models()))"); \
+	for m in $$models; do \
+		echo "== $$m: $$($(PY) -m engine.small $$m)"; \
+		eval $(PY) train_poly.py --datapath $(COMPARE)/data --savepath $(COMPARE)/runs/$$m \
+			$$($(PY) -m engine.small $$m) --val_every 10 --num_workers 0 --no_progress | tail -n 3; \
+		$(PY) test.py --datapath $(COMPARE)/data --resume $(COMPARE)/runs/$$m/best.pth \
+			--savepath $(COMPARE)/results/$$m --no_progress > /dev/null; \
+	done; \
+	$(PY) compare.py --results $$(for m in $$models; do echo $(COMPARE)/results/$$m; done) \
+		--savepath $(COMPARE)/comparison --reference imfuse > /dev/null
+	@$(PY) -c "import csv; r = next(r for r in csv.DictReader(open('$(COMPARE)/comparison/comparison.csv')) \
+	if r['region'] == 'WT' and r['subset'] == 'FLAIR+T1c+T1+T2'); \
+	print('full-modality WT Dice (target >= 0.6 each): ' + ', '.join(f'{k} {float(v):.3f}' for k, v in r.items() if k not in ('region', 'subset', 'best')))"
+	@echo "outputs in $(COMPARE)/comparison/: comparison.md, comparison.csv, models.csv, significance.csv, comparison.png, subsets.png"
+
 clean:
-	rm -rf $(VENV) .pytest_cache $(DEMO)
+	rm -rf $(VENV) .pytest_cache $(DEMO) $(COMPARE)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

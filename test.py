@@ -3,15 +3,19 @@
     python test.py --datapath BRATS2023_Training_npy --resume runs/imfuse/best.pth --savepath results/imfuse
 
 Writes <savepath>/results.csv (one row per case and subset), summary.csv and summary.md (per
-subset means and the mean over subsets: the paper's table) and figures/<case>.png; with
---save_nifti also predictions/<subset>/<case>.nii.gz in the original image space.
+subset means and the mean over subsets: the paper's table), figures/<case>.png and run.json
+(the model, its configuration, parameters, the cases and the seconds per case, which
+compare.py reads); with --save_nifti also predictions/<subset>/<case>.nii.gz in the original
+image space.
 Checkpoints of train_poly.py describe their model (one of your own: name its module again
 with --model); for checkpoints of the original code give the variant flags
 (--interleaved_tokenization, --mamba_skip, --first_skip, --patch_size).
 """
 import argparse
+import json
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -21,7 +25,9 @@ from data.datasets import EvalDataset
 from data.preprocessing import CaseError, uncrop
 from engine.checkpoint import CheckpointError, load_model
 from engine.cli import add_model_flags, model_config
-from engine.evaluation import RESULT_FIELDS, SUMMARY_FIELDS, evaluate, summarize, summary_markdown
+from engine.evaluation import (RESULT_FIELDS, SUMMARY_FIELDS, evaluate, parameters_in_use, summarize,
+                               summary_markdown)
+from engine.models import DEFAULT_MODEL
 from utils.brats import parse_subsets, subset_name
 from utils.figures import case_figure
 from utils.io import save_nifti, write_csv, write_text
@@ -82,8 +88,10 @@ def main(argv=None):
     try:
         model, ckpt = load_model(args.resume, args.model, model_config(p, args))
         dataset = EvalDataset(args.datapath, test_file)
+        start = time.perf_counter()
         rows = evaluate(model.to(device), dataset, subsets, args.batch_size,
                         progress=not args.no_progress, on_case=case_writer(args.savepath, args.save_nifti))
+        seconds = time.perf_counter() - start
         summary = summarize(rows)
         write_csv(os.path.join(args.savepath, "results.csv"), rows, RESULT_FIELDS)
         write_csv(os.path.join(args.savepath, "summary.csv"), summary, SUMMARY_FIELDS)
@@ -91,6 +99,14 @@ def main(argv=None):
         epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else ""
         write_text(os.path.join(args.savepath, "summary.md"),
                    f"# {os.path.basename(args.resume)}{epoch}: {len(dataset)} test cases\n\n{table}")
+        run = {"model": ckpt.get("model") or args.model or DEFAULT_MODEL,
+               "config": ckpt.get("config") or model_config(p, args), "checkpoint": os.path.abspath(args.resume),
+               "epoch": ckpt.get("epoch"), "parameters": sum(q.numel() for q in model.parameters()),
+               "parameters_in_use": parameters_in_use(model), "window": list(model.window),
+               "test_file": os.path.abspath(test_file), "cases": len(dataset),
+               "subsets": [subset_name(s) for s in subsets], "seconds_per_case": seconds / max(len(dataset), 1),
+               "device": str(device)}
+        write_text(os.path.join(args.savepath, "run.json"), json.dumps(run, indent=1) + "\n")
     except (CaseError, CheckpointError, OSError, ValueError) as err:  # OSError: also an unwritable savepath
         print(f"test.py: {err}", file=sys.stderr)
         return 1

@@ -123,6 +123,9 @@ class UHVED(nn.Module):
     recipe = Recipe(optimizer="adam", optimizer_args={"amsgrad": True}, lr=1e-3, weight_decay=1e-5,
                     schedule="plateau", num_epochs=400)
 
+    small_config = dict(patch_size=32)  # CPU demos (engine/small.py)
+    small_recipe = dict(lr=3e-3, batch_size=2, num_epochs=50, iter_per_epoch=10)
+
     def __init__(self, num_classes=4, patch_size=112, width=8, rec_weight=0.1, kl_weight=0.1):
         super().__init__()
         if patch_size < 8 or patch_size % 8:

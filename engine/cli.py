@@ -30,6 +30,8 @@ def add_model_flags(parser, sizes=True, title="model"):
     if sizes:
         group.add_argument("--window", nargs=3, type=int, metavar=("X", "Y", "Z"),
                            help="window of a model whose constructor takes `window`")
+        group.add_argument("--model_args", type=_json_dict, metavar="JSON",
+                           help="any constructor arguments, e.g. '{\"style_width\": 8}'")
         for flag, kind in SIZE_FLAGS.items():
             if flag != "patch_size":
                 group.add_argument(f"--{flag}", type=kind, help="model size (default: the paper's)")
@@ -44,6 +46,7 @@ def model_config(parser, args, check=True):
                    if getattr(args, flag, None) is not None})
     if getattr(args, "window", None):
         config["window"] = tuple(args.window)
+    config.update(getattr(args, "model_args", None) or {})
     if not check:
         return config
     spec = args.model or DEFAULT_MODEL

@@ -9,7 +9,7 @@ import torch
 from data.preprocessing import read_meta
 from data.splits import format_mask
 from models.blocks import mask_modalities
-from utils.brats import OUTPUT_CHANNELS, subset_name, to_labels
+from utils.brats import MODALITIES, OUTPUT_CHANNELS, subset_name, to_labels
 from utils.metrics import brats_metrics
 from utils.progress import progress_bar
 
@@ -104,3 +104,21 @@ def summary_markdown(summary):
         lines.append("| " + " | ".join([s["subset"], str(s["cases"])] + values) + " |")
     return "\n".join(lines) + "\n"
 
+
+
+@torch.no_grad()
+def parameters_in_use(model):
+    """Parameters of the modules an eval forward pass with every modality present runs (one
+    pass on a zero window): the model's size at inference, without training-only parts."""
+    device = next(model.parameters()).device
+    ran, hooks = set(), [m.register_forward_hook(lambda module, args, out: ran.add(module)) for m in model.modules()]
+    was_training = model.training
+    try:
+        M = len(MODALITIES)
+        model.eval()(torch.zeros(1, M, *model.window, device=device), torch.ones(1, M, dtype=torch.bool, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    params = {id(p): p for module in ran for p in module.parameters(recurse=False)}
+    return sum(p.numel() for p in params.values())

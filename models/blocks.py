@@ -214,6 +214,9 @@ class MultiEncoderNet(nn.Module):
     # RAdam, lr 2e-4, weight decay 3e-5, poly per epoch over 1000 epochs, batch 1, one pass
     # over the cases per epoch, uniform subsets, rotation + intensity + flips
     recipe = Recipe()
+    # CPU demos (engine/small.py): patch 32, widths 4-64, token dim 64; 600 iterations of 2 at lr 1e-2
+    small_config = dict(patch_size=32, width=4, dim=64, heads=4, mlp_dim=128, dropout=0.0)
+    small_recipe = dict(lr=1e-2, batch_size=2, num_epochs=60, iter_per_epoch=10)
 
     def __init__(self, num_classes, patch_size, num_modalities, width, dim, heads, mlp_dim,
                  dropout, skip_channels, bottleneck_ch, num_levels=5):

@@ -23,6 +23,8 @@ class IMFuse(MultiEncoderNet):
     The learnable fusion tokens and positional embeddings tie the model to its patch size.
     """
 
+    small_config = dict(MultiEncoderNet.small_config, interleaved=True, mamba_skip=True)  # the paper's structure
+
     def __init__(self, num_classes=4, patch_size=128, interleaved=False, mamba_skip=False,
                  first_skip=False, num_modalities=4, width=8, dim=512, heads=8, mlp_dim=4096,
                  dropout=0.1, backend=None):
