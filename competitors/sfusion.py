@@ -89,8 +89,10 @@ class SFusion(ContentStyleNet):
     # an absent modality's content encoder gets no gradient (Adam then leaves it unchanged)
     unused_parameters = True
 
-    small_config = dict(patch_size=32, width=4, style_width=8, token_grid=2, heads=2, depth=2)  # CPU demos
-    small_recipe = dict(lr=3e-3, batch_size=2, num_epochs=40, iter_per_epoch=10)
+    # CPU demos (engine/small.py); at width 4 without dropout, as Robust-MSeg's
+    small_config = dict(patch_size=32, width=4, style_width=4, token_grid=2, heads=2, depth=2, dropout=0.0,
+                        attn_dropout=0.0)
+    small_recipe = dict(lr=1e-2, batch_size=2, num_epochs=60, iter_per_epoch=10)
 
     def __init__(self, num_classes=4, patch_size=128, width=16, style_width=32, style_dim=8, dropout=0.3,
                  token_grid=8, heads=4, depth=8, attn_dropout=0.1, rec_weight=0.1, kl_weight=0.1):

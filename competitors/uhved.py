@@ -124,7 +124,7 @@ class UHVED(nn.Module):
                     schedule="plateau", num_epochs=400)
 
     small_config = dict(patch_size=32)  # CPU demos (engine/small.py)
-    small_recipe = dict(lr=3e-3, batch_size=2, num_epochs=50, iter_per_epoch=10)
+    small_recipe = dict(lr=5e-3, batch_size=2, num_epochs=40, iter_per_epoch=10)
 
     def __init__(self, num_classes=4, patch_size=112, width=8, rec_weight=0.1, kl_weight=0.1):
         super().__init__()

@@ -1,6 +1,7 @@
 """compare.py on hand-made test.py output folders of three fake models."""
 import csv
 import json
+import shlex
 import zlib
 
 import numpy as np
@@ -8,8 +9,11 @@ import pytest
 from PIL import Image
 from scipy import stats
 
+import engine
 from engine.comparison import bootstrap_interval, holm
+from engine.small import small_flags
 from helpers import script
+from models import list_models
 from utils.brats import SUBSET_NAMES
 
 CASES = [f"case{i}" for i in range(6)]
@@ -130,3 +134,15 @@ def test_bad_folders_and_disjoint_runs_are_one_line(tmp_path, capsys):
     assert "no (case, subset) pair in common" in err[1] and "imfuse: 6 cases" in err[1] and "uhved: 2 cases" in err[1]
     assert "reference 'sfusion' is none of the runs" in err[2]
     assert not (tmp_path / "o").exists()
+
+
+def test_every_registered_model_has_a_small_configuration_the_cli_accepts():
+    train_poly = script("train_poly")
+    for name in list_models():
+        flags = small_flags(name)
+        assert shlex.split(shlex.join(flags)) == flags
+        args = train_poly.parser().parse_args(["--datapath", "d", "--savepath", "s", *flags])
+        config = json.loads(flags[flags.index("--model_args") + 1])
+        assert args.model == name and args.model_args == config and args.batch_size == 2
+        model = engine.build_model(name, **config)
+        assert max(model.window) <= 32  # fits the synthetic cohort of make compare

@@ -3,6 +3,7 @@ original's forward pass and checkpoint keys with its expert gating undone, the m
 KL and total loss by their formulas, the recipe, and the scripts end to end."""
 import csv
 import itertools
+import json
 import math
 
 import pytest
@@ -216,3 +217,10 @@ def test_train_poly_steps_the_plateau_schedule_on_the_validation_dice_and_test_p
                                 "--savepath", str(tmp_path / "eval"), "--no_progress", "--subsets", "T1c,T1+T2"]) == 0
     with open(tmp_path / "eval" / "summary.csv", newline="") as f:
         assert [row["subset"] for row in csv.DictReader(f)] == ["T1c", "T1+T2", "mean"]
+    run = json.loads((tmp_path / "eval" / "run.json").read_text())  # what compare.py reads
+    model = build_model("uhved", patch_size=16, width=2)
+    assert run["model"] == "uhved" and run["config"] == {**ckpt["config"]} and run["window"] == [16, 16, 16]
+    assert run["parameters"] == sum(p.numel() for p in model.parameters())
+    assert run["parameters_in_use"] == sum(p.numel() for k, p in model.named_parameters()
+                                           if k.startswith(("encoders.", "seg_decoder.")))
+    assert run["cases"] == 1 and run["subsets"] == ["T1c", "T1+T2"] and run["seconds_per_case"] > 0
