@@ -4,7 +4,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
 
@@ -23,6 +23,7 @@ def dice_vs_parameters(path, labels, parameters, dice, title="Mean Dice over the
     for label, x, y in zip(labels, millions, dice):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.15, y=0.1)
