@@ -85,8 +85,9 @@ def main(argv=None):
         p.error(str(err))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     test_file = args.test_file or os.path.join(args.datapath, "splits", "test15splits.csv")
+    config = model_config(p, args)
     try:
-        model, ckpt = load_model(args.resume, args.model, model_config(p, args))
+        model, ckpt = load_model(args.resume, args.model, config)
         dataset = EvalDataset(args.datapath, test_file)
         start = time.perf_counter()
         rows = evaluate(model.to(device), dataset, subsets, args.batch_size,
@@ -100,7 +101,7 @@ def main(argv=None):
         write_text(os.path.join(args.savepath, "summary.md"),
                    f"# {os.path.basename(args.resume)}{epoch}: {len(dataset)} test cases\n\n{table}")
         run = {"model": ckpt.get("model") or args.model or DEFAULT_MODEL,
-               "config": ckpt.get("config") or model_config(p, args), "checkpoint": os.path.abspath(args.resume),
+               "config": ckpt.get("config") or config, "checkpoint": os.path.abspath(args.resume),
                "epoch": ckpt.get("epoch"), "parameters": sum(q.numel() for q in model.parameters()),
                "parameters_in_use": parameters_in_use(model), "window": list(model.window),
                "test_file": os.path.abspath(test_file), "cases": len(dataset),
