@@ -73,12 +73,13 @@ def common_pairs(runs):
 def region_tables(runs, keys):
     """{region: [{"subset", label: mean Dice, ...}, ..., {"subset": "mean", ...}]}: the mean
     over the cases per subset, then the mean over the subsets."""
-    subsets = list(dict.fromkeys(s for _, s in keys))
+    by_subset = {}
+    for key in keys:
+        by_subset.setdefault(key[1], []).append(key)
     tables = {}
     for region in REGIONS:
         rows = []
-        for subset in subsets:
-            cases = [k for k in keys if k[1] == subset]
+        for subset, cases in by_subset.items():
             rows.append({"subset": subset, **{r["label"]: float(np.mean([r["rows"][k][region] for k in cases]))
                                               for r in runs}})
         rows.append({"subset": "mean", **{r["label"]: float(np.mean([row[r["label"]] for row in rows])) for r in runs}})

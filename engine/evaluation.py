@@ -105,7 +105,6 @@ def summary_markdown(summary):
     return "\n".join(lines) + "\n"
 
 
-
 @torch.no_grad()
 def parameters_in_use(model):
     """Parameters of the modules an eval forward pass with every modality present runs (one
