@@ -1,13 +1,15 @@
 """CPU (or GPU) time of one eval forward pass of a model at given patch sizes.
 
-    python benchmarks/bench_forward.py [--model imfuse] [--patch-sizes 64 128] [--repeats 3]
+    python benchmarks/bench_forward.py [--model imfuse] [--patch-sizes 64 128 | --window X Y Z]
+        [--model_args JSON] [--repeats 3]
 
 Defaults: IM-Fuse in the paper configuration (I-MFB, mamba_skip), all four modalities
-present, batch 1; patch sizes 64 and 128 for IM-Fuse and mmFormer, the original's for the
-other models. Prints the median and the minimum over the repeats (after one warm-up
+present, batch 1; patch sizes 64 and 128 for IM-Fuse and mmFormer, the original's window for
+the other models. Prints the median and the minimum over the repeats (after one warm-up
 pass, which also compiles the numba kernels) and the peak resident memory of the process.
 """
 import argparse
+import json
 import resource
 import statistics
 import sys
@@ -19,24 +21,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import build_model  # noqa: E402
 
-PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}, "robustseg": {}, "sfusion": {}, "uhved": {}}
+PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}, "robustseg": {}, "sfusion": {},
+         "shaspec": {}, "uhved": {}}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="imfuse", choices=sorted(PAPER))
-    parser.add_argument("--patch-sizes", type=int, nargs="+")
+    parser.add_argument("--patch-sizes", type=int, nargs="+", help="cubic models")
+    parser.add_argument("--window", type=int, nargs=3, metavar=("X", "Y", "Z"), help="models with a `window`")
+    parser.add_argument("--model_args", type=json.loads, default={}, help="other constructor arguments (JSON)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     print(f"{args.model} {PAPER[args.model]}, eval forward, batch 1, all modalities, "
           f"{args.device}, {torch.get_num_threads()} threads")
-    sizes = args.patch_sizes or ([64, 128] if args.model in ("imfuse", "mmformer")
-                                 else [build_model(args.model).patch_size])
-    for P in sizes:
+    if args.window:
+        sizes = [dict(window=tuple(args.window))]
+    elif args.patch_sizes or args.model in ("imfuse", "mmformer"):
+        sizes = [dict(patch_size=P) for P in args.patch_sizes or (64, 128)]
+    else:
+        sizes = [{}]  # the original's window
+    for size in sizes:
         torch.manual_seed(0)
-        model = build_model(args.model, patch_size=P, **PAPER[args.model]).to(args.device).eval()
-        x = torch.randn(1, 4, P, P, P, device=args.device)
+        model = build_model(args.model, **size, **PAPER[args.model], **args.model_args).to(args.device).eval()
+        x = torch.randn(1, 4, *model.window, device=args.device)
         mask = torch.ones(1, 4, dtype=torch.bool, device=args.device)
         times = []
         with torch.inference_mode():
@@ -50,7 +59,7 @@ def main(argv=None):
                 times.append(time.perf_counter() - start)
         times = times[1:]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        print(f"P={P:4d}: median {statistics.median(times):7.2f} s, min {min(times):7.2f} s "
+        print(f"window {'x'.join(map(str, model.window))}: median {statistics.median(times):7.2f} s, min {min(times):7.2f} s "
               f"over {len(times)} runs; peak RSS so far {peak:.1f} GiB")
 
 

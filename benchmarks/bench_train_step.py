@@ -1,7 +1,7 @@
 """Seconds per training step and peak memory of a model (the GPU figures of the README).
 
-    python benchmarks/bench_train_step.py [--device cuda] [--patch-size 128] [--amp]
-        [--scan torch|mamba_ssm|numba|auto] [--steps 5]
+    python benchmarks/bench_train_step.py [--model imfuse] [--device cuda] [--patch-size 128 |
+        --window X Y Z] [--model_args JSON] [--amp] [--scan torch|mamba_ssm|numba|auto] [--steps 5]
 
 One step is what train_poly.py does per iteration: forward in train mode (fused, auxiliary
 and deep-supervision outputs), the model's loss, backward and a step of its recipe's
@@ -10,6 +10,7 @@ steps after two warm-up steps, and the peak memory: allocated by torch on CUDA, 
 resident set on the CPU.
 """
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -25,13 +26,16 @@ from models.scan import BACKENDS, ENV_VAR  # noqa: E402
 from utils.brats import SUBSETS  # noqa: E402
 from utils.schedule import make_optimizer  # noqa: E402
 
-PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}}
+PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}, "robustseg": {}, "sfusion": {},
+         "shaspec": {}, "uhved": {}}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="imfuse", choices=sorted(PAPER))
-    p.add_argument("--patch-size", type=int, default=128)
+    p.add_argument("--patch-size", type=int, help="cubic models (default: the model's)")
+    p.add_argument("--window", type=int, nargs=3, metavar=("X", "Y", "Z"), help="models with a `window`")
+    p.add_argument("--model_args", type=json.loads, default={}, help="other constructor arguments (JSON)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--scan", choices=("auto",) + BACKENDS, default="auto", help="selective-scan backend")
@@ -41,11 +45,12 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    P = args.patch_size
-    model = build_model(args.model, patch_size=P, **PAPER[args.model]).to(device).train()
+    size = dict(window=tuple(args.window)) if args.window else \
+        dict(patch_size=args.patch_size) if args.patch_size else {}
+    model = build_model(args.model, **size, **PAPER[args.model], **args.model_args).to(device).train()
     optimizer = make_optimizer(model.recipe, model.parameters())
-    x = torch.randn(1, 4, P, P, P, device=device)
-    label = torch.randint(0, 4, (1, P, P, P), device=device)
+    x = torch.randn(1, 4, *model.window, device=device)
+    label = torch.randint(0, 4, (1, *model.window), device=device)
     times = []
     for i in range(args.steps + 2):
         mask = torch.tensor([SUBSETS[i % len(SUBSETS)]], device=device)
@@ -65,7 +70,7 @@ def main(argv=None):
         peak = f"peak allocated {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB ({torch.cuda.get_device_name(device)})"
     else:
         peak = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB ({torch.get_num_threads()} threads)"
-    print(f"{args.model} {PAPER[args.model]}, P={P}, {device}, {'bf16 autocast' if args.amp else 'float32'}, "
+    print(f"{args.model} {PAPER[args.model]} {args.model_args or ''}, window {'x'.join(map(str, model.window))}, {device}, {'bf16 autocast' if args.amp else 'float32'}, "
           f"scan {args.scan}: median {statistics.median(times):.3f} s per training step over {len(times)} "
           f"(min {min(times):.3f} s); {peak}")
 

@@ -3,6 +3,7 @@ Importing this package registers them with `models.build_model`."""
 from .mmformer import MMFormer
 from .robustseg import RobustSeg
 from .sfusion import SFusion
+from .shaspec import ShaSpec
 from .uhved import UHVED
 
-__all__ = ["MMFormer", "RobustSeg", "SFusion", "UHVED"]
+__all__ = ["MMFormer", "RobustSeg", "SFusion", "ShaSpec", "UHVED"]

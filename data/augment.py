@@ -4,6 +4,8 @@ intensity factor per modality, labels never filled with -1). Images are (M, X, Y
 import numpy as np
 from scipy import ndimage
 
+from .augment_nnunet import nnunet_shaspec
+
 PLANES = ((0, 1), (1, 2), (0, 2))  # spatial axis pairs a rotation may turn
 
 
@@ -11,24 +13,28 @@ def random_crop(image, label, window, rng, foreground=0.0):
     """A random window (3-tuple, or an int for a cube) of image (X, Y, Z, M) (as stored, may
     be a memory map) -> (M, *window) float32 array and its label. With probability
     `foreground` the window is centred (as far as the borders allow) on a tumour voxel drawn
-    uniformly; otherwise, and for a case without tumour, its start is uniform."""
+    uniformly; otherwise, and for a case without tumour, its start is uniform. An axis
+    shorter than the window is padded at its far end, as evaluation pads it: the image by
+    replicating the border, the label with background."""
     window = (window,) * 3 if isinstance(window, int) else tuple(window)
     dims = image.shape[:3]
-    if any(d < w for d, w in zip(dims, window)):
-        raise ValueError(f"volume {dims} is smaller than the window {window}; "
-                         f"preprocess with --min-size {max(window)}")
+    padded = [max(d, w) for d, w in zip(dims, window)]
     centre = None
     if foreground and rng.random() < foreground:
         tumour = np.flatnonzero(np.asarray(label))
         if tumour.size:
             centre = np.unravel_index(tumour[int(rng.integers(tumour.size))], dims)
     if centre is None:
-        start = [int(rng.integers(0, d - w + 1)) for d, w in zip(dims, window)]
+        start = [int(rng.integers(0, p - w + 1)) for p, w in zip(padded, window)]
     else:
-        start = [min(max(int(c) - w // 2, 0), d - w) for c, d, w in zip(centre, dims, window)]
-    sl = tuple(slice(s, s + w) for s, w in zip(start, window))
-    return (np.ascontiguousarray(np.asarray(image[sl], dtype=np.float32).transpose(3, 0, 1, 2)),
-            np.ascontiguousarray(label[sl]))
+        start = [min(max(int(c) - w // 2, 0), p - w) for c, p, w in zip(centre, padded, window)]
+    sl = tuple(slice(s, min(s + w, d)) for s, w, d in zip(start, window, dims))
+    crop, crop_label = np.asarray(image[sl], dtype=np.float32), np.asarray(label[sl])
+    pad = [(0, w - (s.stop - s.start)) for s, w in zip(sl, window)]
+    if any(p for _, p in pad):
+        crop = np.pad(crop, pad + [(0, 0)], mode="edge")
+        crop_label = np.pad(crop_label, pad)
+    return np.ascontiguousarray(crop.transpose(3, 0, 1, 2)), np.ascontiguousarray(crop_label)
 
 
 def random_rotation(image, label, rng, max_angle=10):
@@ -63,10 +69,12 @@ def random_flip(image, label, rng, p=0.5):
 # The augmentations a recipe can name (utils.recipe.AUGMENTATIONS): (image, label, rng) -> (image, label)
 AUGMENTATIONS = {"rotation": random_rotation,
                  "intensity": lambda image, label, rng: (random_intensity(image, rng), label),
-                 "flip": random_flip}
+                 "flip": random_flip,
+                 "nnunet_shaspec": nnunet_shaspec}
+DEFAULT = ("rotation", "intensity", "flip")  # IM-Fuse's
 
 
-def augment(image, label, rng, names=tuple(AUGMENTATIONS)):
+def augment(image, label, rng, names=DEFAULT):
     """The named augmentations in the order given (default IM-Fuse's: rotation, intensity
     change, flips)."""
     for name in names:

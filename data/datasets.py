@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from utils.brats import MODALITIES, SUBSETS
 
-from .augment import AUGMENTATIONS, augment, random_crop
+from .augment import DEFAULT, augment, random_crop
 from .preprocessing import CaseError, output_paths, read_meta
 from .splits import read_split
 
@@ -78,15 +78,16 @@ class TrainDataset(Dataset):
     cases: a split file or a list of case names; window: crop size (3-tuple, or an int for a
     cube); augmentations: names of data.augment.AUGMENTATIONS, applied in that order;
     subset_weights: None (uniform) or one weight per subset of SUBSETS; foreground: the
-    probability of a crop centred on a tumour voxel. seed: base of the per-sample random state
+    probability of a crop centred on a tumour voxel; warmup_epochs: in epochs before it every
+    sample has all the modalities its case has. seed: base of the per-sample random state
     (default: derived from torch's global seed when the dataset is built). Call set_epoch(e)
     before each epoch for fresh draws.
     """
 
-    def __init__(self, root, cases, window=128, augmentations=tuple(AUGMENTATIONS), subset_weights=None,
-                 foreground=0.0, seed=None):
+    def __init__(self, root, cases, window=128, augmentations=DEFAULT, subset_weights=None,
+                 foreground=0.0, seed=None, warmup_epochs=0):
         self.root, self.window, self.augmentations = root, window, tuple(augmentations)
-        self.foreground = foreground
+        self.foreground, self.warmup_epochs = foreground, warmup_epochs
         self.cases = [name for name, _ in _cases(cases)]
         self.seed = int(torch.initial_seed() % 2 ** 63) if seed is None else seed
         self.epoch = 0
@@ -116,7 +117,11 @@ class TrainDataset(Dataset):
         vol, seg = case_arrays(self.root, name)
         image, label = random_crop(vol, seg, self.window, rng, self.foreground)
         image, label = augment(image, label, rng, self.augmentations)
-        mask = draw_subset(rng, self.subsets[index], self.weights[index])
+        subsets = self.subsets[index]
+        if self.epoch < self.warmup_epochs:
+            mask = max(subsets, key=sum)
+        else:
+            mask = draw_subset(rng, subsets, self.weights[index])
         return _sample(image.astype(np.float32), label, mask, name)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from models.reference import ReferenceCheckpointError, load_reference_state
 from utils.io import atomic_path
+from utils.pickled import pickled_problem
 
 from .models import DEFAULT_MODEL, ModelError, build_model, class_name, is_registered
 
@@ -40,6 +41,9 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        problem = pickled_problem(path)
+        if problem:
+            raise CheckpointError(problem)
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail[:200]})")
     if not isinstance(ckpt, dict):

@@ -61,6 +61,13 @@ def model_config(parser, args, check=True):
     return config
 
 
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -118,6 +125,7 @@ RECIPE_FLAGS = {  # recipe field -> (argparse keyword arguments, help)
                       f"comma-separated, applied in order: any of {', '.join(AUGMENTATIONS)}, or none"),
     "foreground_oversampling": (dict(type=float, metavar="P"),
                                 "probability of a crop centred on a tumour voxel"),
+    "warmup_epochs": (dict(type=_non_negative_int), "first epochs with every modality present"),
 }
 assert set(RECIPE_FLAGS) == {f.name for f in dataclasses.fields(Recipe)}
 

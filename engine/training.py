@@ -278,7 +278,7 @@ def _train(cfg, run, log):
     recipe = state.recipe
     train_set = TrainDataset(cfg.datapath, _split_file(cfg, cfg.train_file, "train.txt"), model.window,
                              recipe.augmentations, recipe.subset_weights, recipe.foreground_oversampling,
-                             seed=state.seed)
+                             seed=state.seed, warmup_epochs=recipe.warmup_epochs)
     val_file = _split_file(cfg, cfg.val_file, "val15splits.csv")
     val_set = EvalDataset(cfg.datapath, val_file) if val_file else None
     if val_set is not None and not len(val_set):

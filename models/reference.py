@@ -10,13 +10,16 @@ Each model states its correspondence as (our key prefix, original key prefix) pa
 default their prefixes) and re-created on export, so the original code can load what
 `to_reference` writes. A model class may also say what it recognises in an original state
 (`reference_facts(state)`, a classmethod returning phrases), for the message that refuses a
-checkpoint that does not fit.
+checkpoint that does not fit. A model whose tensors are laid out differently from the
+original's (axis order, channel order) converts them in `reference_layout(state,
+to_reference)`, a state in original key names in and out.
 """
 import os
 
 import torch
 
 from utils.io import atomic_path
+from utils.pickled import pickled_problem
 
 PREFIX = "module."
 
@@ -57,11 +60,15 @@ def rename_state(state, renames):
 
 def reference_state(model, include_unused=True):
     """The model's state in the original key format, without the "module." prefix."""
-    state = rename_state(model.state_dict(), model.reference_renames())
+    state = _layout(model, rename_state(model.state_dict(), model.reference_renames()), True)
     if include_unused:
         for prefix, make in _unused(model):
             state.update({prefix + key: value for key, value in make().items()})
     return state
+
+
+def _layout(model, state, to_reference):
+    return model.reference_layout(state, to_reference) if hasattr(model, "reference_layout") else state
 
 
 def _unused(model):
@@ -89,6 +96,9 @@ def _read(checkpoint):
         try:
             checkpoint = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as err:
+            problem = pickled_problem(source)
+            if problem:
+                raise ReferenceCheckpointError(problem)
             raise ReferenceCheckpointError(f"{source}: cannot be read as a PyTorch checkpoint "
                                            f"({type(err).__name__}: {str(err).splitlines()[0]})")
     if not isinstance(checkpoint, dict):
@@ -155,6 +165,7 @@ def load_reference_state(model, checkpoint):
         raise ReferenceCheckpointError(
             f"{source} does not fit {_config_text(model)}: {'; '.join(detail)}. The checkpoint "
             f"looks like {_looks_like(original)}; check {flags} (and the model name)")
+    state = _layout(model, {k: state[k] for k in expected}, False)
     model.load_state_dict({ours[k]: state[k] for k in expected})
     return model
 

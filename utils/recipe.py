@@ -11,7 +11,7 @@ from typing import Optional
 from .brats import SUBSETS
 from .schedule import OPTIMIZERS, SCHEDULES, optimizer_arguments, settings_problem
 
-AUGMENTATIONS = ("rotation", "intensity", "flip")
+AUGMENTATIONS = ("rotation", "intensity", "flip", "nnunet_shaspec")  # data/augment.py
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class Recipe:
     batch_size per process; subset_weights: None (uniform) or 15 weights in SUBSETS order,
     the probability of each modality subset up to normalisation; augmentations: applied in
     the order given; foreground_oversampling: the probability that a training crop is placed
-    around a random tumour voxel instead of uniformly."""
+    around a random tumour voxel instead of uniformly; warmup_epochs: the first epochs of the
+    run, in which every sample has every modality (the case has) before the subset law
+    applies (one schedule over the whole run)."""
 
     optimizer: str = "radam"
     optimizer_args: dict = field(default_factory=dict)
@@ -34,8 +36,9 @@ class Recipe:
     iter_per_epoch: Optional[int] = None
     batch_size: int = 1
     subset_weights: Optional[tuple] = None
-    augmentations: tuple = AUGMENTATIONS
+    augmentations: tuple = ("rotation", "intensity", "flip")
     foreground_oversampling: float = 0.0
+    warmup_epochs: int = 0
 
     def __post_init__(self):
         for name in ("subset_weights", "augmentations"):  # lists (from JSON or a checkpoint) as tuples
@@ -78,6 +81,8 @@ class Recipe:
             return f"unknown augmentation {unknown[0]!r}; use any of {', '.join(AUGMENTATIONS)}"
         if not 0 <= self.foreground_oversampling <= 1:
             return f"foreground_oversampling must be in [0, 1], got {self.foreground_oversampling}"
+        if not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0):
+            return f"warmup_epochs must be a non-negative integer, got {self.warmup_epochs!r}"
         return settings_problem(self)
 
     def replace(self, **changes):

@@ -1,0 +1,29 @@
+"""Checkpoints that hold pickled Python objects (a whole model or optimizer, as some original
+training scripts save): torch.load(weights_only=True) refuses them, since unpickling them runs
+code named in the file. This says so in one line and names the one way this project reads
+them: an explicit conversion (engine/convert.py)."""
+import pickle
+
+import torch
+
+CONVERT = "python -m engine.convert {path} OUT.pth --trust_pickled_code"
+
+
+def pickled_objects(path):
+    """The classes and functions (module.name) a checkpoint file would import when unpickled
+    that weights_only loading does not allow; [] for a plain file or one torch cannot list."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError):
+        return []
+
+
+def pickled_problem(path):
+    """One line for a file of pickled objects (what they are and how to convert it), or None."""
+    names = pickled_objects(path)
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{path}: holds pickled Python objects ({shown}); reading them runs code from the file, "
+            f"so it is not done here. If you trust the file, extract its weights once with "
+            f"`{CONVERT.format(path=path)}` (the original code must be importable) and use OUT.pth")
