@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import build_model  # noqa: E402
 
 PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}, "robustseg": {}, "sfusion": {},
-         "shaspec": {}, "uhved": {}}
+         "shaspec": {}, "uhved": {}, "mam": {}}
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ from utils.brats import SUBSETS  # noqa: E402
 from utils.schedule import make_optimizer  # noqa: E402
 
 PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}, "robustseg": {}, "sfusion": {},
-         "shaspec": {}, "uhved": {}}
+         "shaspec": {}, "uhved": {}, "mam": {}}
 
 
 def main(argv=None):

@@ -1,9 +1,10 @@
 """The models IM-Fuse is compared with, on the shared data, training and evaluation code.
 Importing this package registers them with `models.build_model`."""
+from .mam import MaM
 from .mmformer import MMFormer
 from .robustseg import RobustSeg
 from .sfusion import SFusion
 from .shaspec import ShaSpec
 from .uhved import UHVED
 
-__all__ = ["MMFormer", "RobustSeg", "SFusion", "ShaSpec", "UHVED"]
+__all__ = ["MaM", "MMFormer", "RobustSeg", "SFusion", "ShaSpec", "UHVED"]

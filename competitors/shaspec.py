@@ -26,6 +26,8 @@ from utils.brats import MODALITIES, REGIONS
 from utils.losses import region_targets
 from utils.recipe import Recipe
 
+from .layers import InstanceNorm
+
 # The original's modality order (FLAIR, T1, T1c, T2) as indices of MODALITIES: the order of
 # its concatenations, domain labels and loss pairs, and the priority of the missing-slot rule.
 ORIGINAL_ORDER = tuple(MODALITIES.index(m) for m in ("flair", "t1", "t1c", "t2"))
@@ -50,21 +52,6 @@ class WSConv3d(nn.Conv3d):
 
     def forward(self, x):
         return F.conv3d(x, standardize(self.weight), None, self.stride, self.padding, self.dilation)
-
-
-class InstanceNorm(nn.InstanceNorm3d):
-    """Affine InstanceNorm3d (eps 1e-5) that also takes maps of one voxel, where it returns its
-    bias (the original runs a torch patched to allow that): the ASPP image-pool branch, and
-    the bottleneck of windows below 32x32x16."""
-
-    def __init__(self, channels):
-        super().__init__(channels, affine=True)
-
-    def forward(self, x):
-        if x[0, 0].numel() > 1:
-            return super().forward(x)
-        centred = x - x  # the deviation from a one-voxel mean: zero, with a gradient
-        return centred * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
 
 
 def conv_norm_act(in_ch, out_ch, kernel=1, padding=0, dilation=1):
@@ -216,7 +203,7 @@ class ShaSpec(nn.Module):
                  dilations=(2, 4, 8), shared_weight=0.1, domain_weight=0.02):
         super().__init__()
         window = tuple(window)
-        if len(window) != 3 or window[0] % 32 or window[1] % 32 or window[2] % 16 or min(window) < 16:
+        if len(window) != 3 or window[0] % 32 or window[1] % 32 or window[2] % 16 or min(window) <= 0:
             raise ValueError(f"window must be (X, Y, Z) with X and Y multiples of 32 and Z of 16, got {window}")
         M = len(MODALITIES)
         self.window, self.num_modalities = window, M

@@ -4,16 +4,15 @@ intensity factor per modality, labels never filled with -1). Images are (M, X, Y
 import numpy as np
 from scipy import ndimage
 
-from .augment_nnunet import nnunet_shaspec
-
 PLANES = ((0, 1), (1, 2), (0, 2))  # spatial axis pairs a rotation may turn
 
 
 def random_crop(image, label, window, rng, foreground=0.0):
     """A random window (3-tuple, or an int for a cube) of image (X, Y, Z, M) (as stored, may
     be a memory map) -> (M, *window) float32 array and its label. With probability
-    `foreground` the window is centred (as far as the borders allow) on a tumour voxel drawn
-    uniformly; otherwise, and for a case without tumour, its start is uniform. An axis
+    `foreground` the window is centred (as far as the borders allow) on a tumour voxel: one of
+    the tumour labels the case has, drawn uniformly (as nnU-Net's oversampling draws a class),
+    then one of its voxels; otherwise, and for a case without tumour, its start is uniform. An axis
     shorter than the window is padded at its far end, as evaluation pads it: the image by
     replicating the border, the label with background."""
     window = (window,) * 3 if isinstance(window, int) else tuple(window)
@@ -21,9 +20,12 @@ def random_crop(image, label, window, rng, foreground=0.0):
     padded = [max(d, w) for d, w in zip(dims, window)]
     centre = None
     if foreground and rng.random() < foreground:
-        tumour = np.flatnonzero(np.asarray(label))
-        if tumour.size:
-            centre = np.unravel_index(tumour[int(rng.integers(tumour.size))], dims)
+        label = np.asarray(label)
+        present = np.flatnonzero(np.bincount(label.ravel()))
+        present = present[present > 0]
+        if present.size:
+            voxels = np.flatnonzero(label == present[int(rng.integers(present.size))])
+            centre = np.unravel_index(voxels[int(rng.integers(voxels.size))], dims)
     if centre is None:
         start = [int(rng.integers(0, p - w + 1)) for p, w in zip(padded, window)]
     else:
@@ -66,11 +68,21 @@ def random_flip(image, label, rng, p=0.5):
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
+def _nnunet(name):
+    """data.augment_nnunet's `name`, imported at the first call (batchgeneratorsv2 and what it
+    imports load only for the models that use it)."""
+    def run(image, label, rng):
+        from . import augment_nnunet
+        return getattr(augment_nnunet, name)(image, label, rng)
+    return run
+
+
 # The augmentations a recipe can name (utils.recipe.AUGMENTATIONS): (image, label, rng) -> (image, label)
 AUGMENTATIONS = {"rotation": random_rotation,
                  "intensity": lambda image, label, rng: (random_intensity(image, rng), label),
                  "flip": random_flip,
-                 "nnunet_shaspec": nnunet_shaspec}
+                 "nnunet": _nnunet("nnunet_default"),
+                 "nnunet_shaspec": _nnunet("nnunet_shaspec")}
 DEFAULT = ("rotation", "intensity", "flip")  # IM-Fuse's
 
 

@@ -74,8 +74,8 @@ def build_transforms(patch_size, *,
                      p_additive=0.15, additive_std=0.1, p_additive_channel=0.5,
                      p_contrast=0.15, contrast=BGContrast((0.75, 1.25)),
                      p_lowres=0.25, lowres_zoom=(0.5, 1.), p_lowres_channel=0.5,
-                     p_gamma=0.15, gamma=BGContrast((0.7, 1.5)),
-                     mirror_axes=(0, 1, 2)):
+                     p_gamma=0.15, gamma=BGContrast((0.7, 1.5)), p_gamma_inverted=0.,
+                     synchronize_blur_axes=True, mirror_axes=(0, 1, 2)):
     """The augmentation pipeline for crops of `patch_size` (X, Y, Z): a ComposeTransforms.
     The defaults are ShaSpec's; p_* are per-sample probabilities, p_*_channel per-channel ones.
     Ranges are batchgeneratorsv2 RandomScalars: a tuple is uniform, BGContrast((lo, hi)) is v1's
@@ -89,13 +89,15 @@ def build_transforms(patch_size, *,
       image repeats its border (the project's z-scored background is not 0, the original's
       was) and the label is background;
     - Gaussian noise, one standard deviation for all channels (v1 and v2 call it variance);
-    - Gaussian blur, one isotropic sigma per channel, each channel with p_blur_channel (direct
+    - Gaussian blur, one sigma per channel (per axis unless synchronize_blur_axes), each channel
+      with p_blur_channel (direct
       convolution: nnU-Net's benchmark=True picks FFT or convolution by timing, machine-dependent);
     - multiplicative brightness, one factor per channel;
     - additive brightness N(0, additive_std), per channel, each with p_additive_channel;
     - contrast per channel, range preserved;
     - low resolution: each channel with p_lowres_channel zoomed by one factor for all axes
       (nearest down, trilinear up; v1 upsampled cubically);
+    - gamma of the inverted image per channel, statistics retained (nnU-Net v2; off for ShaSpec);
     - gamma per channel, statistics retained, not inverted;
     - mirroring of each of `mirror_axes` with probability 1/2 (MirrorTransform's own).
     """
@@ -111,7 +113,8 @@ def build_transforms(patch_size, *,
         bg_style_seg_sampling=False)
     intensity = [
         (p_noise, GaussianNoiseTransform(noise_variance=noise_std, p_per_channel=1, synchronize_channels=True)),
-        (p_blur, GaussianBlurTransform(blur_sigma=blur_sigma, synchronize_channels=False, synchronize_axes=True,
+        (p_blur, GaussianBlurTransform(blur_sigma=blur_sigma, synchronize_channels=False,
+                                       synchronize_axes=synchronize_blur_axes,
                                        p_per_channel=p_blur_channel)),
         (p_brightness, MultiplicativeBrightnessTransform(multiplier_range=brightness, synchronize_channels=False,
                                                          p_per_channel=1)),
@@ -122,10 +125,12 @@ def build_transforms(patch_size, *,
         (p_lowres, SimulateLowResolutionTransform(scale=lowres_zoom, synchronize_channels=False,
                                                   synchronize_axes=True, ignore_axes=None,
                                                   p_per_channel=p_lowres_channel)),
+        (p_gamma_inverted, GammaTransform(gamma=gamma, p_invert_image=1, synchronize_channels=False,
+                                          p_per_channel=1, p_retain_stats=1)),
         (p_gamma, GammaTransform(gamma=gamma, p_invert_image=0, synchronize_channels=False, p_per_channel=1,
                                  p_retain_stats=1)),
     ]
-    transforms = [spatial] + [RandomTransform(t, apply_probability=p) for p, t in intensity]
+    transforms = [spatial] + [RandomTransform(t, apply_probability=p) for p, t in intensity if p > 0]
     if mirror_axes:
         transforms.append(MirrorTransform(allowed_axes=tuple(mirror_axes)))
     return ComposeTransforms(transforms)
@@ -160,12 +165,24 @@ def apply_transforms(transforms, image, label, rng):
             np.ascontiguousarray(data["segmentation"][0].numpy()))
 
 
+# nnU-Net v2's default 3-D augmentation (nnUNetTrainer.get_training_transforms, isotropic patch):
+# rotation +-30 degrees, scaling 0.7-1.4 drawn uniformly, no elastic deformation, blur sigma per
+# axis, brightness drawn as contrast is, gamma of the inverted image too.
+NNUNET_V2 = dict(p_elastic=0., max_rotation_deg=30., scaling=(0.7, 1.4), synchronize_blur_axes=False,
+                 brightness=BGContrast((0.75, 1.25)), p_gamma_inverted=0.1, p_gamma=0.3)
+
+
 @functools.cache
-def _shaspec_transforms(patch_size):
-    return build_transforms(patch_size)
+def _transforms(patch_size, name):
+    return build_transforms(patch_size, **(NNUNET_V2 if name == "nnunet" else {}))
 
 
 def nnunet_shaspec(image, label, rng):
     """ShaSpec's nnU-Net-style augmentation (build_transforms' defaults) of one crop:
     (image (M, X, Y, Z), label (X, Y, Z), numpy Generator) -> (image, label)."""
-    return apply_transforms(_shaspec_transforms(tuple(image.shape[1:])), image, label, rng)
+    return apply_transforms(_transforms(tuple(image.shape[1:]), "shaspec"), image, label, rng)
+
+
+def nnunet_default(image, label, rng):
+    """nnU-Net v2's default 3-D augmentation (NNUNET_V2) of one crop, as nnunet_shaspec."""
+    return apply_transforms(_transforms(tuple(image.shape[1:]), "nnunet"), image, label, rng)

@@ -68,6 +68,12 @@ def _non_negative_int(text):
     return value
 
 
+def _grad_clip(text):
+    if text.strip().lower() == "none":
+        return None
+    return _recipe_value("grad_clip", float(text))
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -126,6 +132,7 @@ RECIPE_FLAGS = {  # recipe field -> (argparse keyword arguments, help)
     "foreground_oversampling": (dict(type=float, metavar="P"),
                                 "probability of a crop centred on a tumour voxel"),
     "warmup_epochs": (dict(type=_non_negative_int), "first epochs with every modality present"),
+    "grad_clip": (dict(type=_grad_clip, metavar="NORM"), "clip the gradient norm before each step; none for no clipping"),
 }
 assert set(RECIPE_FLAGS) == {f.name for f in dataclasses.fields(Recipe)}
 

@@ -12,6 +12,7 @@ trust. OUT.pth holds {"state_dict": the model's tensors} and the plain values th
 import argparse
 import sys
 
+import numpy as np
 import torch
 
 from utils.io import atomic_path
@@ -41,7 +42,11 @@ def extract(checkpoint):
         raise ConvertError("no model or tensors under 'model', 'state_dict' or 'network_weights'")
     out = {"state_dict": {k: v.detach().cpu().clone() for k, v in state.items()}}
     if isinstance(checkpoint, dict):
-        out.update({k: v for k, v in checkpoint.items() if isinstance(v, (int, float, str, bool))})
+        for key, value in checkpoint.items():
+            if isinstance(value, np.generic):  # e.g. a Dice kept as a numpy float
+                value = value.item()
+            if type(value) in (int, float, str, bool):
+                out[key] = value
     return out
 
 

@@ -365,6 +365,8 @@ def _train_epoch(cfg, run, net, model, optimizer, schedule, loader, writer, stat
                                 f"(cases {', '.join(names)}); lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if state.recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), state.recipe.grad_clip)
         optimizer.step()
         values = {"loss": loss.item(), **{k: torch.as_tensor(v).item() for k, v in parts.items()}}
         state.step += 1

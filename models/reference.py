@@ -104,7 +104,7 @@ def _read(checkpoint):
     if not isinstance(checkpoint, dict):
         raise ReferenceCheckpointError(f"{source}: expected a dict with 'state_dict', "
                                        f"got {type(checkpoint).__name__}")
-    state = checkpoint.get("state_dict", checkpoint)
+    state = next((checkpoint[k] for k in ("state_dict", "network_weights") if k in checkpoint), checkpoint)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ReferenceCheckpointError(f"{source}: 'state_dict' is not a dict of tensors")
     if state and all(key.startswith(PREFIX) for key in state):
@@ -134,7 +134,8 @@ def _looks_like(state):
 
 
 def _config_text(model):
-    names = [n for n in ("patch_size", "interleaved", "mamba_skip", "first_skip") if hasattr(model, n)]
+    size = "patch_size" if hasattr(model, "patch_size") else "window"
+    names = [n for n in (size, "interleaved", "mamba_skip", "first_skip") if hasattr(model, n)]
     return f"{model.registry_name}({', '.join(f'{n}={getattr(model, n)}' for n in names)})"
 
 
@@ -149,7 +150,8 @@ def load_reference_state(model, checkpoint):
     ours = dict(zip(expected, own))  # reference key -> our key (same order)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    shapes = {k: v.shape for k, v in _layout(model, dict(expected), True).items()}  # in the original's layout
+    wrong = [k for k in expected if k in state and state[k].shape != shapes[k]]
     if missing or unexpected or wrong:
         detail = []
         if missing:
@@ -159,9 +161,9 @@ def load_reference_state(model, checkpoint):
         if wrong:
             k = wrong[0]
             detail.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the "
-                          f"checkpoint, {tuple(expected[k].shape)} in the model)")
+                          f"checkpoint, {tuple(shapes[k])} in the model)")
         flags = ("patch_size, mamba_skip and first_skip" if hasattr(model, "mamba_skip")
-                 else "the model's sizes (patch_size, width, ...)")
+                 else "the model's sizes (patch_size or window, width, ...)")
         raise ReferenceCheckpointError(
             f"{source} does not fit {_config_text(model)}: {'; '.join(detail)}. The checkpoint "
             f"looks like {_looks_like(original)}; check {flags} (and the model name)")
@@ -172,8 +174,9 @@ def load_reference_state(model, checkpoint):
 
 def from_reference(checkpoint, name, **config):
     """build_model(name, **config) with the weights of an original checkpoint (a dict with
-    "state_dict", or a path to one). MFB and I-MFB have the same weights: pass the right
-    `interleaved`, it cannot be read from the checkpoint."""
+    "state_dict" or nnU-Net's "network_weights", a plain state dict, or a path to one). MFB
+    and I-MFB have the same weights: pass the right `interleaved`, it cannot be read from the
+    checkpoint."""
     from . import build_model
     return load_reference_state(build_model(name, **config), checkpoint)
 

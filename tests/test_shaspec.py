@@ -65,15 +65,14 @@ def test_size_at_the_original_configuration_and_the_original_keys():
 
 
 def test_output_shapes_and_absent_modalities_have_no_influence():
-    model = make()
-    x = image(3, TINY["window"])
-    out = model(x, MIXED)
+    out = make()(image(3, TINY["window"]), MIXED)
     assert out["logits"].shape == (3, 3, 32, 32, 16)
     assert out["shared"].shape == (3, 4, 8, 1, 1, 1) and out["domain"].shape == (3, 4, 4)
-    model.eval()
+    model = make(**PARITY).eval()  # a bottleneck of 2 x 2 x 2: its features depend on the images
+    x = image(3, PARITY["window"])
     with torch.no_grad():
         probs = model(x, MIXED)
-        assert probs.shape == (3, 3, 32, 32, 16) and 0 <= probs.min() and probs.max() <= 1
+        assert probs.shape == (3, 3, 64, 64, 32) and 0 <= probs.min() and probs.max() <= 1
         changed = x.clone()
         changed[~MIXED] = torch.randn_like(changed[~MIXED]) * 5
         assert torch.equal(model(changed, MIXED), probs)
@@ -209,21 +208,21 @@ def test_warm_up_epochs_have_every_modality_then_the_law_applies(tiny_cohort):
 
 
 def test_evaluation_encodes_each_window_once_and_gives_the_forward_passes_probabilities():
-    model = make().eval()
+    model = make(**PARITY).eval()
     subsets = [SUBSETS[i] for i in (0, 4, 10, 14)]
-    assert_shared_encoding_matches_forward(model, image(1, (32, 36, 16))[0], subsets)
+    assert_shared_encoding_matches_forward(model, image(1, (64, 64, 40))[0], subsets)
 
 
 def test_round_trip_and_refusal(tmp_path):
-    model = make().eval()
+    model = make(**PARITY).eval()
     path = tmp_path / "original.pth"
     to_reference(model, str(path))
-    loaded = from_reference(str(path), "shaspec", **TINY).eval()
-    x = image(3, TINY["window"])
+    loaded = from_reference(str(path), "shaspec", **PARITY).eval()
+    x = image(3, PARITY["window"])
     with torch.no_grad():
         assert torch.equal(loaded(x, MIXED), model(x, MIXED))
     with pytest.raises(ReferenceCheckpointError, match="of another shape .*looks like ShaSpec with width=4"):
-        from_reference(str(path), "shaspec", **{**TINY, "width": 8})
+        from_reference(str(path), "shaspec", **{**PARITY, "width": 8})
 
 
 class Original(torch.nn.Module):
@@ -244,7 +243,7 @@ def test_pickled_original_checkpoints_are_refused_in_one_line_and_converted_on_r
     original = Original(state)
     pickled = tmp_path / "best.pth"
     torch.save({"model": original, "optimizer": torch.optim.SGD(original.parameters(), lr=0.01),
-                "iter": 245000, "val_Dice_best": 0.8}, pickled)
+                "iter": 245000, "val_Dice_best": np.float32(0.8)}, pickled)
     for load in (lambda: from_reference(str(pickled), "shaspec", **TINY),
                  lambda: load_model(str(pickled), "shaspec", TINY)):
         with pytest.raises((ReferenceCheckpointError, CheckpointError), match="holds pickled Python objects") as err:
@@ -255,7 +254,8 @@ def test_pickled_original_checkpoints_are_refused_in_one_line_and_converted_on_r
     assert "--trust_pickled_code" in capsys.readouterr().err
     convert.main([str(pickled), str(tmp_path / "plain.pth"), "--trust_pickled_code"])
     plain = torch.load(tmp_path / "plain.pth", weights_only=True)
-    assert plain["iter"] == 245000 and len(plain["state_dict"]) == len(state)
+    assert plain["iter"] == 245000 and plain["val_Dice_best"] == pytest.approx(0.8)
+    assert len(plain["state_dict"]) == len(state)
     loaded = from_reference(str(tmp_path / "plain.pth"), "shaspec", **TINY).eval()
     x = image(3, TINY["window"])
     with torch.no_grad():
@@ -273,6 +273,8 @@ def test_recipe_and_window():
                                       464, 280, 1, 0.5, ("nnunet_shaspec",))
     with pytest.raises(ValueError, match="multiples of 32"):
         ShaSpec(window=(48, 32, 16))
+    with pytest.raises(ValueError, match=r"warmup_epochs \(280\) must be fewer than num_epochs \(200\)"):
+        recipe.replace(num_epochs=200)
 
 
 def test_train_poly_and_test_py_run_it(tiny_cohort, tmp_path, capsys):

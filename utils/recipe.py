@@ -11,7 +11,7 @@ from typing import Optional
 from .brats import SUBSETS
 from .schedule import OPTIMIZERS, SCHEDULES, optimizer_arguments, settings_problem
 
-AUGMENTATIONS = ("rotation", "intensity", "flip", "nnunet_shaspec")  # data/augment.py
+AUGMENTATIONS = ("rotation", "intensity", "flip", "nnunet", "nnunet_shaspec")  # data/augment.py
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,8 @@ class Recipe:
     the order given; foreground_oversampling: the probability that a training crop is placed
     around a random tumour voxel instead of uniformly; warmup_epochs: the first epochs of the
     run, in which every sample has every modality (the case has) before the subset law
-    applies (one schedule over the whole run)."""
+    applies (one schedule over the whole run); grad_clip: the largest norm of the gradient
+    of all parameters (clipped before each step), None for no clipping."""
 
     optimizer: str = "radam"
     optimizer_args: dict = field(default_factory=dict)
@@ -39,6 +40,7 @@ class Recipe:
     augmentations: tuple = ("rotation", "intensity", "flip")
     foreground_oversampling: float = 0.0
     warmup_epochs: int = 0
+    grad_clip: Optional[float] = None
 
     def __post_init__(self):
         for name in ("subset_weights", "augmentations"):  # lists (from JSON or a checkpoint) as tuples
@@ -83,6 +85,11 @@ class Recipe:
             return f"foreground_oversampling must be in [0, 1], got {self.foreground_oversampling}"
         if not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0):
             return f"warmup_epochs must be a non-negative integer, got {self.warmup_epochs!r}"
+        if self.warmup_epochs and self.warmup_epochs >= self.num_epochs:
+            return (f"warmup_epochs ({self.warmup_epochs}) must be fewer than num_epochs ({self.num_epochs}), "
+                    "or no modality would ever be dropped: give --warmup_epochs too")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            return f"grad_clip must be positive (or None), got {self.grad_clip!r}"
         return settings_problem(self)
 
     def replace(self, **changes):
