@@ -4,8 +4,8 @@
         --window X Y Z] [--model_args JSON] [--amp] [--scan torch|mamba_ssm|numba|auto] [--steps 5]
 
 One step is what train_poly.py does per iteration: forward in train mode (fused, auxiliary
-and deep-supervision outputs), the model's loss, backward and a step of its recipe's
-optimiser, batch 1, a random modality subset. Defaults: IM-Fuse in the paper configuration. Prints the median over the
+and deep-supervision outputs), the model's loss, backward, the recipe's gradient clipping and
+a step of its optimiser, batch 1, a random modality subset. Defaults: IM-Fuse in the paper configuration. Prints the median over the
 steps after two warm-up steps, and the peak memory: allocated by torch on CUDA, the process's
 resident set on the CPU.
 """
@@ -61,6 +61,8 @@ def main(argv=None):
             loss, _ = model.loss(model(x, mask), {"image": x, "label": label, "mask": mask})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if model.recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), model.recipe.grad_clip)
         optimizer.step()
         if cuda:
             torch.cuda.synchronize()

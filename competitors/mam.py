@@ -196,14 +196,15 @@ class MaM(nn.Module):
 
     def loss(self, outputs, batch):
         """sum_i w_i (BCE_i - Dice_i) over the deep-supervision outputs (targets downsampled by
-        nearest neighbour) + the MSE of the reconstructed bottleneck maps of the missing
-        modalities against the encoders' (each (sample, modality) pair weighing alike; 0 when none
-        is missing) -> (total, {"seg", "mse"}). Dice: the mean over samples and regions of
+        nearest neighbour: the voxel nearest each coarse voxel's centre, as nnU-Net) + the MSE of
+        the reconstructed bottleneck maps of the missing modalities against the encoders' (each
+        (sample, modality) pair weighing alike; 0 when none is missing) -> (total, {"seg",
+        "mse"}). Dice: the mean over samples and regions of
         (2 sum(p t) + 1e-5) / max(sum p + sum t + 1e-5, 1e-8)."""
         target = region_targets(batch["label"])
         seg = 0
         for w, logits in zip(self.ds_weights, outputs["logits"]):  # a weight of 0 keeps its head in the graph
-            t = F.interpolate(target, size=logits.shape[2:], mode="nearest")
+            t = F.interpolate(target, size=logits.shape[2:], mode="nearest-exact")
             p, dims = torch.sigmoid(logits), tuple(range(2, logits.dim()))
             dice = (2 * (p * t).sum(dims) + 1e-5) / ((p.sum(dims) + t.sum(dims) + 1e-5).clamp_min(1e-8))
             seg = seg + w * (F.binary_cross_entropy_with_logits(logits, t) - dice.mean())
@@ -229,11 +230,11 @@ class MaM(nn.Module):
         pairs = [(ours + part, ref + part) for ours, ref in self._blocks() for part in ("conv.", "norm.")]
         pairs += [(f"decoder.ups.{i}.", f"decoder.transpconvs.{i}.") for i in range(len(self.decoder.ups))]
         pairs += [(f"decoder.heads.{i}.", f"decoder.seg_layers.{i}.") for i in range(len(self.decoder.heads))]
-        return pairs + [("tokens", "learned_bottleneck_tokens"), ("reconstruction.pos", r + "pos_embedding"),
-                        ("reconstruction.attn_norm.", r + "layers.0.0.norm."), ("reconstruction.qkv.", r + "layers.0.0.to_qkv."),
-                        ("reconstruction.proj.", r + "layers.0.0.to_out.0."), ("reconstruction.mlp.0.", r + "layers.0.1.net.0."),
-                        ("reconstruction.mlp.1.", r + "layers.0.1.net.1."), ("reconstruction.mlp.3.", r + "layers.0.1.net.4."),
-                        ("reconstruction.norm.", r + "norm.")]
+        transformer = [("pos", "pos_embedding"), ("attn_norm.", "layers.0.0.norm."), ("qkv.", "layers.0.0.to_qkv."),
+                       ("proj.", "layers.0.0.to_out.0."), ("mlp.0.", "layers.0.1.net.0."),
+                       ("mlp.1.", "layers.0.1.net.1."), ("mlp.3.", "layers.0.1.net.4."), ("norm.", "norm.")]
+        return pairs + [("tokens", "learned_bottleneck_tokens")] + [("reconstruction." + ours, r + ref)
+                                                                    for ours, ref in transformer]
 
     def reference_layout(self, state, to_reference):
         """Kernels and token maps (Z, Y, X) <-> (X, Y, Z); tokens and position embedding in the
@@ -278,4 +279,5 @@ class MaM(nn.Module):
         stem = state.get("modality_specific_encoders.0.stages.0.0.convs.0.conv.weight")
         if tokens is None or stem is None:
             return []
-        return [f"MaM with patch_size={32 * tokens.shape[-1]}, width={stem.shape[0]}"]
+        stages = len({k.split(".")[3] for k in state if k.startswith("modality_specific_encoders.0.stages.")})
+        return [f"MaM with patch_size={2 ** (stages - 1) * tokens.shape[-1]}, width={stem.shape[0]}, stages={stages}"]

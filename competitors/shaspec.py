@@ -303,7 +303,8 @@ class ShaSpec(nn.Module):
                  "shared": sum((shared[:, o[i]] - shared[:, o[(i + 1) % len(o)]]).abs().mean()
                                for i in range(len(o))),
                  "domain": F.cross_entropy(outputs["domain"].flatten(0, 1), labels)}
-        total = parts["dice"] + parts["bce"] + self.shared_weight * parts["shared"] + self.domain_weight * parts["domain"]
+        total = (parts["dice"] + parts["bce"] + self.shared_weight * parts["shared"]
+                 + self.domain_weight * parts["domain"])
         return total, parts
 
     # --- the original's checkpoints (models/reference.py): DualNet_SS.py / Res50.py names ---
@@ -312,7 +313,8 @@ class ShaSpec(nn.Module):
         def encoder(ours, ref):
             pairs = [(ours + "backbone.", ref + "backbone."), (ours + "reduce.", ref + "asppreduce."),
                      (ours + "aspp.pool_conv.", ref + "aspp.branch5_conv."),
-                     (ours + "aspp.pool_norm.", ref + "aspp.branch5_norm."), (ours + "aspp.merge.", ref + "aspp.conv_cat.")]
+                     (ours + "aspp.pool_norm.", ref + "aspp.branch5_norm."),
+                     (ours + "aspp.merge.", ref + "aspp.conv_cat.")]
             return pairs + [(f"{ours}aspp.branches.{i}.", f"{ref}aspp.branch{i + 1}.")
                             for i in range(len(self.shared.aspp.branches))]
 
@@ -339,4 +341,6 @@ class ShaSpec(nn.Module):
     @classmethod
     def reference_facts(cls, state):
         stem = state.get("shared_enc.backbone.conv1.weight")
-        return [f"ShaSpec with width={stem.shape[0]}"] if "compos_layer.conv.weight" in state and stem is not None else []
+        if "compos_layer.conv.weight" not in state or stem is None:
+            return []
+        return [f"ShaSpec with width={stem.shape[0]}"]

@@ -4,6 +4,8 @@ intensity factor per modality, labels never filled with -1). Images are (M, X, Y
 import numpy as np
 from scipy import ndimage
 
+from utils.brats import REGIONS
+
 PLANES = ((0, 1), (1, 2), (0, 2))  # spatial axis pairs a rotation may turn
 
 
@@ -11,8 +13,9 @@ def random_crop(image, label, window, rng, foreground=0.0):
     """A random window (3-tuple, or an int for a cube) of image (X, Y, Z, M) (as stored, may
     be a memory map) -> (M, *window) float32 array and its label. With probability
     `foreground` the window is centred (as far as the borders allow) on a tumour voxel: one of
-    the tumour labels the case has, drawn uniformly (as nnU-Net's oversampling draws a class),
-    then one of its voxels; otherwise, and for a case without tumour, its start is uniform. An axis
+    the regions (WT, TC, ET) the case has, drawn uniformly (as nnU-Net's oversampling draws a
+    region, and ShaSpec's a region channel), then one of its voxels; otherwise, and for a case
+    without tumour, its start is uniform. An axis
     shorter than the window is padded at its far end, as evaluation pads it: the image by
     replicating the border, the label with background."""
     window = (window,) * 3 if isinstance(window, int) else tuple(window)
@@ -21,10 +24,9 @@ def random_crop(image, label, window, rng, foreground=0.0):
     centre = None
     if foreground and rng.random() < foreground:
         label = np.asarray(label)
-        present = np.flatnonzero(np.bincount(label.ravel()))
-        present = present[present > 0]
-        if present.size:
-            voxels = np.flatnonzero(label == present[int(rng.integers(present.size))])
+        present = [labels for labels in REGIONS.values() if np.isin(label, labels).any()]
+        if present:
+            voxels = np.flatnonzero(np.isin(label, present[int(rng.integers(len(present)))]))
             centre = np.unravel_index(voxels[int(rng.integers(voxels.size))], dims)
     if centre is None:
         start = [int(rng.integers(0, p - w + 1)) for p, w in zip(padded, window)]

@@ -1,7 +1,8 @@
 """nnU-Net-style training augmentation from batchgeneratorsv2 (the library nnU-Net v2 uses), with
-ShaSpec's parameters: its training script (billhhh/ShaSpec, BraTSDataSet.get_train_transform,
-batchgenerators 0.21) run through the v2 transforms, composed as nnU-Net v2's
-get_training_transforms composes them.
+two parameter sets: ShaSpec's (build_transforms' defaults: its training script, billhhh/ShaSpec
+BraTSDataSet.get_train_transform on batchgenerators 0.21, run through the v2 transforms) and
+nnU-Net v2's default 3-D augmentation (NNUNET_V2, for Missing as Masking), composed as nnU-Net
+v2's get_training_transforms composes them.
 
 Images are (M, X, Y, Z) float32 crops already of the model's window, labels (X, Y, Z) integer
 maps; a transform pipeline is built once per window (and per parameter set) and reused.
@@ -90,8 +91,8 @@ def build_transforms(patch_size, *,
       was) and the label is background;
     - Gaussian noise, one standard deviation for all channels (v1 and v2 call it variance);
     - Gaussian blur, one sigma per channel (per axis unless synchronize_blur_axes), each channel
-      with p_blur_channel (direct
-      convolution: nnU-Net's benchmark=True picks FFT or convolution by timing, machine-dependent);
+      with p_blur_channel (direct convolution: nnU-Net's benchmark=True picks FFT or convolution
+      by timing, machine-dependent);
     - multiplicative brightness, one factor per channel;
     - additive brightness N(0, additive_std), per channel, each with p_additive_channel;
     - contrast per channel, range preserved;
@@ -167,9 +168,9 @@ def apply_transforms(transforms, image, label, rng):
 
 # nnU-Net v2's default 3-D augmentation (nnUNetTrainer.get_training_transforms, isotropic patch):
 # rotation +-30 degrees, scaling 0.7-1.4 drawn uniformly, no elastic deformation, blur sigma per
-# axis, brightness drawn as contrast is, gamma of the inverted image too.
+# axis, brightness drawn as contrast is, no additive brightness, gamma of the inverted image too.
 NNUNET_V2 = dict(p_elastic=0., max_rotation_deg=30., scaling=(0.7, 1.4), synchronize_blur_axes=False,
-                 brightness=BGContrast((0.75, 1.25)), p_gamma_inverted=0.1, p_gamma=0.3)
+                 brightness=BGContrast((0.75, 1.25)), p_additive=0., p_gamma_inverted=0.1, p_gamma=0.3)
 
 
 @functools.cache

@@ -19,7 +19,7 @@ import torch
 
 from models.reference import ReferenceCheckpointError, load_reference_state
 from utils.io import atomic_path
-from utils.pickled import pickled_problem
+from utils.pickled import load_weights, pickled_problem
 
 from .models import DEFAULT_MODEL, ModelError, build_model, class_name, is_registered
 
@@ -35,11 +35,11 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """The checkpoint dict at `path` (on the CPU, weights_only=True)."""
+    """The checkpoint dict at `path` (on the CPU, weights_only=True; numpy scalars allowed)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_weights(path)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         problem = pickled_problem(path)
         if problem:

@@ -132,7 +132,7 @@ RECIPE_FLAGS = {  # recipe field -> (argparse keyword arguments, help)
     "foreground_oversampling": (dict(type=float, metavar="P"),
                                 "probability of a crop centred on a tumour voxel"),
     "warmup_epochs": (dict(type=_non_negative_int), "first epochs with every modality present"),
-    "grad_clip": (dict(type=_grad_clip, metavar="NORM"), "clip the gradient norm before each step; none for no clipping"),
+    "grad_clip": (dict(type=_grad_clip, metavar="NORM|none"), "clip the gradient norm before each step"),
 }
 assert set(RECIPE_FLAGS) == {f.name for f in dataclasses.fields(Recipe)}
 

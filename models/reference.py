@@ -19,7 +19,7 @@ import os
 import torch
 
 from utils.io import atomic_path
-from utils.pickled import pickled_problem
+from utils.pickled import load_weights, pickled_problem
 
 PREFIX = "module."
 
@@ -94,7 +94,7 @@ def _read(checkpoint):
         if not os.path.isfile(source):
             raise ReferenceCheckpointError(f"{source}: no such checkpoint file")
         try:
-            checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+            checkpoint = load_weights(source)
         except Exception as err:
             problem = pickled_problem(source)
             if problem:
@@ -106,7 +106,7 @@ def _read(checkpoint):
                                        f"got {type(checkpoint).__name__}")
     state = next((checkpoint[k] for k in ("state_dict", "network_weights") if k in checkpoint), checkpoint)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ReferenceCheckpointError(f"{source}: 'state_dict' is not a dict of tensors")
+        raise ReferenceCheckpointError(f"{source}: its weights are not a dict of tensors")
     if state and all(key.startswith(PREFIX) for key in state):
         state = {key[len(PREFIX):]: value for key, value in state.items()}
     return source, state

@@ -4,16 +4,28 @@ code named in the file. This says so in one line and names the one way this proj
 them: an explicit conversion (engine/convert.py)."""
 import pickle
 
+import numpy as np
 import torch
 
 CONVERT = "python -m engine.convert {path} OUT.pth --trust_pickled_code"
+# numpy scalars (a Dice or a loss kept as np.float64, as nnU-Net's log keeps them) are plain
+# numbers: reading them runs no code of the file
+NUMPY_SCALARS = [np._core.multiarray.scalar, np.dtype] + [
+    getattr(np.dtypes, f"{kind}DType") for kind in ("Float64", "Float32", "Float16", "Int64", "Int32", "Bool")]
+
+
+def load_weights(path):
+    """torch.load(path) on the CPU with weights_only=True, numpy scalars allowed."""
+    with torch.serialization.safe_globals(NUMPY_SCALARS):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def pickled_objects(path):
     """The classes and functions (module.name) a checkpoint file would import when unpickled
     that weights_only loading does not allow; [] for a plain file or one torch cannot list."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_SCALARS}
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError):
         return []
 
