@@ -43,7 +43,7 @@ demo: $(VENV)/.installed  ## synthetic cohort -> preprocess -> train -> 15-subse
 # small_recipe) trained on the demo's synthetic cohort, evaluated on the same 6 held-out cases
 # under the 15 subsets, then compare.py against IM-Fuse.
 COMPARE ?= compare_demo
-compare: $(VENV)/.installed  ## all models small on the synthetic cohort -> compare.py (CPU, ~40 min)
+compare: $(VENV)/.installed  ## all models small on the synthetic cohort -> compare.py (CPU, ~50 min)
 	rm -rf $(COMPARE)
 	$(PY) -m data.synthetic --out $(COMPARE)/raw --cases 30 --seed 0 --size 64 64 48 --workers 2
 	$(PY) preprocess.py --input-path $(COMPARE)/raw --output-path $(COMPARE)/data --min-size 32 --workers 2

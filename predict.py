@@ -67,8 +67,8 @@ def outputs(p, args):
 def segment(model, patient, batch_size, progress):
     """-> (labels (X, Y, Z) uint8, output maps (X, Y, Z, K) float32) in the native grid;
     outside the crop: background (class probabilities) or no region."""
-    probs = predict_subsets(model, torch.from_numpy(patient.volume), [patient.mask], batch_size,
-                            progress)[0].cpu().numpy()  # (K, x, y, z)
+    probs = predict_subsets(model, torch.from_numpy(patient.volume), [patient.mask], batch_size, progress,
+                            origin=[lo for lo, _ in patient.box])[0].cpu().numpy()  # (K, x, y, z)
     shape = patient.reference.shape
     full = uncrop(probs, shape, patient.box)
     if model.output_kind == "classes":

@@ -9,7 +9,7 @@ from utils.brats import REGIONS
 PLANES = ((0, 1), (1, 2), (0, 2))  # spatial axis pairs a rotation may turn
 
 
-def random_crop(image, label, window, rng, foreground=0.0):
+def random_crop(image, label, window, rng, foreground=0.0, return_start=False):
     """A random window (3-tuple, or an int for a cube) of image (X, Y, Z, M) (as stored, may
     be a memory map) -> (M, *window) float32 array and its label. With probability
     `foreground` the window is centred (as far as the borders allow) on a tumour voxel: one of
@@ -17,7 +17,8 @@ def random_crop(image, label, window, rng, foreground=0.0):
     region, and ShaSpec's a region channel), then one of its voxels; otherwise, and for a case
     without tumour, its start is uniform. An axis
     shorter than the window is padded at its far end, as evaluation pads it: the image by
-    replicating the border, the label with background."""
+    replicating the border, the label with background. return_start: also the window's start
+    in the volume (3 ints)."""
     window = (window,) * 3 if isinstance(window, int) else tuple(window)
     dims = image.shape[:3]
     padded = [max(d, w) for d, w in zip(dims, window)]
@@ -38,7 +39,8 @@ def random_crop(image, label, window, rng, foreground=0.0):
     if any(p for _, p in pad):
         crop = np.pad(crop, pad + [(0, 0)], mode="edge")
         crop_label = np.pad(crop_label, pad)
-    return np.ascontiguousarray(crop.transpose(3, 0, 1, 2)), np.ascontiguousarray(crop_label)
+    out = np.ascontiguousarray(crop.transpose(3, 0, 1, 2)), np.ascontiguousarray(crop_label)
+    return out + (tuple(start),) if return_start else out
 
 
 def random_rotation(image, label, rng, max_angle=10):
@@ -62,12 +64,14 @@ def random_intensity(image, rng, scale=0.1, shift=0.1):
     return image * factor + offset
 
 
-def random_flip(image, label, rng, p=0.5):
-    """Flip each spatial axis with probability p (image and label together)."""
-    for axis in range(3):
-        if rng.random() < p:
-            image, label = np.flip(image, axis + 1), np.flip(label, axis)
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+def random_flip(image, label, rng, p=0.5, return_axes=False):
+    """Flip each spatial axis with probability p (image and label together). return_axes:
+    also which axes were flipped (3 bools)."""
+    flipped = [bool(rng.random() < p) for _ in range(3)]
+    for axis in np.flatnonzero(flipped):
+        image, label = np.flip(image, axis + 1), np.flip(label, axis)
+    out = np.ascontiguousarray(image), np.ascontiguousarray(label)
+    return out + (flipped,) if return_axes else out
 
 
 def _nnunet(name):
@@ -86,6 +90,8 @@ AUGMENTATIONS = {"rotation": random_rotation,
                  "nnunet": _nnunet("nnunet_default"),
                  "nnunet_shaspec": _nnunet("nnunet_shaspec")}
 DEFAULT = ("rotation", "intensity", "flip")  # IM-Fuse's
+# those that keep every voxel on the native grid (flips are tracked): for models that use positions
+POSITION_SAFE = ("intensity", "flip")
 
 
 def augment(image, label, rng, names=DEFAULT):

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from utils.brats import MODALITIES, SUBSETS
 
-from .augment import DEFAULT, augment, random_crop
+from .augment import AUGMENTATIONS, DEFAULT, POSITION_SAFE, augment, random_crop, random_flip
 from .preprocessing import CaseError, output_paths, read_meta
 from .splits import read_split
 
@@ -60,6 +60,16 @@ def available_subsets(meta):
     return subsets
 
 
+def crop_origin(root, case):
+    """The native-grid (X, Y, Z) index of a preprocessed case's voxel (0, 0, 0): the low corner
+    of its crop box (meta/<case>.json); CaseError for a case without one."""
+    meta = read_meta(root, case)
+    if meta is None or "crop_box" not in meta:
+        raise CaseError(case, output_paths(root, case)["meta"], "no crop box (the model places every window in "
+                        "the native grid: preprocess the case with preprocess.py)")
+    return [lo for lo, _ in meta["crop_box"]]
+
+
 def _cases(cases):
     """A split file path or a list of names / (name, mask) pairs -> [(name, mask or None)]."""
     if isinstance(cases, (str, os.PathLike)):
@@ -79,13 +89,16 @@ class TrainDataset(Dataset):
     cube); augmentations: names of data.augment.AUGMENTATIONS, applied in that order;
     subset_weights: None (uniform) or one weight per subset of SUBSETS; foreground: the
     probability of a crop centred on a tumour voxel; warmup_epochs: in epochs before it every
-    sample has all the modalities its case has. seed: base of the per-sample random state
+    sample has all the modalities its case has; positions: each sample also has "grid" (3, 2)
+    int64, per axis the native-grid index of the crop's first voxel and the step (+1, or -1
+    along a flipped axis), which needs the cases' crop boxes and augmentations that keep the
+    voxels on the grid (POSITION_SAFE). seed: base of the per-sample random state
     (default: derived from torch's global seed when the dataset is built). Call set_epoch(e)
     before each epoch for fresh draws.
     """
 
     def __init__(self, root, cases, window=128, augmentations=DEFAULT, subset_weights=None,
-                 foreground=0.0, seed=None, warmup_epochs=0):
+                 foreground=0.0, seed=None, warmup_epochs=0, positions=False):
         self.root, self.window, self.augmentations = root, window, tuple(augmentations)
         self.foreground, self.warmup_epochs = foreground, warmup_epochs
         self.cases = [name for name, _ in _cases(cases)]
@@ -93,6 +106,11 @@ class TrainDataset(Dataset):
         self.epoch = 0
         for name in self.cases:
             case_arrays(root, name)  # faulty files fail here, in one line, not in a worker
+        self.origins = [crop_origin(root, name) for name in self.cases] if positions else None
+        moving = [a for a in self.augmentations if a not in POSITION_SAFE]
+        if positions and moving:
+            raise ValueError(f"augmentation {moving[0]!r} moves voxels off the native grid; a model that uses "
+                             f"positions takes only {', '.join(POSITION_SAFE)}")
         if subset_weights is not None and len(subset_weights) != len(SUBSETS):
             raise ValueError(f"subset_weights: one weight per subset ({len(SUBSETS)}), got {len(subset_weights)}")
         self.subsets, self.weights = [], []
@@ -115,19 +133,35 @@ class TrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         name = self.cases[index]
         vol, seg = case_arrays(self.root, name)
-        image, label = random_crop(vol, seg, self.window, rng, self.foreground)
-        image, label = augment(image, label, rng, self.augmentations)
+        if self.origins is None:
+            image, label = random_crop(vol, seg, self.window, rng, self.foreground)
+            image, label = augment(image, label, rng, self.augmentations)
+        else:
+            image, label, start = random_crop(vol, seg, self.window, rng, self.foreground, return_start=True)
+            grid = [[o + s, 1] for o, s in zip(self.origins[index], start)]
+            for aug in self.augmentations:
+                if aug == "flip":
+                    image, label, flipped = random_flip(image, label, rng, return_axes=True)
+                    for axis in np.flatnonzero(flipped):  # the last voxel first
+                        grid[axis] = [grid[axis][0] + image.shape[axis + 1] - 1, -1]
+                else:
+                    image, label = AUGMENTATIONS[aug](image, label, rng)
         subsets = self.subsets[index]
         if self.epoch < self.warmup_epochs:
             mask = max(subsets, key=sum)
         else:
             mask = draw_subset(rng, subsets, self.weights[index])
-        return _sample(image.astype(np.float32), label, mask, name)
+        sample = _sample(image.astype(np.float32), label, mask, name)
+        if self.origins is not None:
+            sample["grid"] = torch.tensor(grid, dtype=torch.int64)
+        return sample
 
 
 class EvalDataset(Dataset):
-    """Whole cropped volumes (M, X, Y, Z) with label, assigned subset and name. A case without
-    a mask in its split file gets SUBSETS[index % 15]; `subset` forces one for every case."""
+    """Whole cropped volumes (M, X, Y, Z) with label, assigned subset and name, and "origin"
+    (the native-grid index of the volume's first voxel) where the case has its crop box. A case
+    without a mask in its split file gets SUBSETS[index % 15]; `subset` forces one for every
+    case."""
 
     def __init__(self, root, cases, subset=None):
         self.root = root
@@ -143,4 +177,8 @@ class EvalDataset(Dataset):
         name, mask = self.entries[index]
         mask = self.subset or mask or SUBSETS[index % len(SUBSETS)]
         vol, seg = case_arrays(self.root, name, mmap=False)
-        return _sample(np.ascontiguousarray(vol.transpose(3, 0, 1, 2), dtype=np.float32), seg, mask, name)
+        sample = _sample(np.ascontiguousarray(vol.transpose(3, 0, 1, 2), dtype=np.float32), seg, mask, name)
+        meta = read_meta(self.root, name)
+        if meta is not None and "crop_box" in meta:
+            sample["origin"] = [lo for lo, _ in meta["crop_box"]]
+        return sample

@@ -22,19 +22,29 @@ SUMMARY_FIELDS = ("subset", "mask", "cases") + DICE + HD95
 
 
 @torch.no_grad()
-def predict_subsets(model, volume, subsets, batch_size=1, progress=False):
+def predict_subsets(model, volume, subsets, batch_size=1, progress=False, origin=None):
     """volume (M, X, Y, Z) -> the model's output maps (S, K, X, Y, Z), one per subset, on the
     model's device. With encode/decode each window is encoded once, with the images of the
     modalities no subset uses set to zero (IM-Fuse skips their encoders), and decoded once per
     subset (decode must ignore the modalities its mask marks absent); otherwise each subset is
-    one forward pass with the images of its absent modalities set to zero."""
+    one forward pass with the images of its absent modalities set to zero. A model that uses
+    positions (models/base.py) gets each window's place in the native grid: `origin` (the
+    native index of the volume's first voxel, from the crop box) + the window's start."""
     device = next(model.parameters()).device
     masks = torch.tensor(subsets, dtype=torch.bool, device=device)  # (S, M)
     channels = len(OUTPUT_CHANNELS[model.output_kind])
+    positions = getattr(model, "uses_position", False)
+    if positions and origin is None:
+        raise ValueError(f"{model.__class__.__name__} places every window in the native grid: the case needs "
+                         "its crop box (meta/<case>.json, written by preprocess.py)")
 
-    def predict(windows):  # (B, M, *window) -> (B, S, K, *window)
+    def predict(windows, starts=None):  # (B, M, *window) -> (B, S, K, *window)
         batch_masks = masks[:, None].expand(-1, windows.shape[0], -1)  # (S, B, M)
-        if hasattr(model, "encode"):
+        if positions:  # (B, 3, 2): per axis the native index of the first voxel, step 1
+            first = starts.to(device) + torch.as_tensor(origin, device=device)
+            grid = torch.stack([first, torch.ones_like(first)], dim=-1)
+            out = [model(mask_modalities(windows, m), m, grid) for m in batch_masks]
+        elif hasattr(model, "encode"):
             union = batch_masks.any(0)
             features = model.encode(mask_modalities(windows, union), union)
             out = [model.decode(features, m) for m in batch_masks]
@@ -47,7 +57,7 @@ def predict_subsets(model, volume, subsets, batch_size=1, progress=False):
         return out
 
     return sliding_window(volume.to(device, torch.float32), model.window, predict,
-                          batch_size=batch_size, progress=progress)
+                          batch_size=batch_size, progress=progress, with_starts=positions)
 
 
 def evaluate(model, dataset, subsets=None, batch_size=1, distances=True, progress=True,
@@ -65,7 +75,7 @@ def evaluate(model, dataset, subsets=None, batch_size=1, distances=True, progres
         meta = read_meta(dataset.root, sample["name"])
         spacing = meta["spacing"] if meta else (1, 1, 1)
         case_subsets = list(subsets or [tuple(sample["mask"].tolist())])
-        probs = predict_subsets(model, sample["image"], case_subsets, batch_size)
+        probs = predict_subsets(model, sample["image"], case_subsets, batch_size, origin=sample.get("origin"))
         labels = to_labels(probs, model.output_kind, axis=1).to(torch.uint8).cpu().numpy()
         del probs
         target = sample["label"].numpy()
@@ -114,7 +124,10 @@ def parameters_in_use(model):
     was_training = model.training
     try:
         M = len(MODALITIES)
-        model.eval()(torch.zeros(1, M, *model.window, device=device), torch.ones(1, M, dtype=torch.bool, device=device))
+        inputs = [torch.zeros(1, M, *model.window, device=device), torch.ones(1, M, dtype=torch.bool, device=device)]
+        if getattr(model, "uses_position", False):  # the window at the native grid's corner
+            inputs.append(torch.tensor([[[0, 1]] * 3], device=device))
+        model.eval()(*inputs)
     finally:
         for hook in hooks:
             hook.remove()

@@ -17,10 +17,11 @@ def window_starts(dim, size, stride):
     return starts
 
 
-def sliding_window(volume, window, predict, stride=None, batch_size=1, progress=False):
+def sliding_window(volume, window, predict, stride=None, batch_size=1, progress=False, with_starts=False):
     """volume (M, X, Y, Z) -> averaged outputs (S, K, X, Y, Z), where predict maps a batch of
     windows (B, M, *window) to (B, S, K, *window) (S outputs per window, e.g. one per modality
-    subset); B <= batch_size. window: 3-tuple, or an int for a cube; stride: default half the
+    subset); B <= batch_size. with_starts: predict also takes the windows' starts in the volume
+    (B, 3) int64. window: 3-tuple, or an int for a cube; stride: default half the
     window per axis. Axes shorter than the window are padded by replicating the border, and
     cropped back afterwards. progress: a progress bar over the windows."""
     window = (window,) * 3 if isinstance(window, int) else tuple(window)
@@ -35,7 +36,8 @@ def sliding_window(volume, window, predict, stride=None, batch_size=1, progress=
     bar = progress_bar(total=len(starts), desc="sliding window", unit="window", enabled=progress, leave=False)
     for i in range(0, len(starts), batch_size):
         boxes = [tuple(slice(s, s + w) for s, w in zip(start, window)) for start in starts[i:i + batch_size]]
-        out = predict(torch.stack([volume[(slice(None),) + box] for box in boxes]))
+        windows = torch.stack([volume[(slice(None),) + box] for box in boxes])
+        out = predict(windows, torch.tensor(starts[i:i + batch_size])) if with_starts else predict(windows)
         if total is None:
             total = out.new_zeros(out.shape[1:3] + volume.shape[1:])
         for box, o in zip(boxes, out):

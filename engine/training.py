@@ -278,7 +278,8 @@ def _train(cfg, run, log):
     recipe = state.recipe
     train_set = TrainDataset(cfg.datapath, _split_file(cfg, cfg.train_file, "train.txt"), model.window,
                              recipe.augmentations, recipe.subset_weights, recipe.foreground_oversampling,
-                             seed=state.seed, warmup_epochs=recipe.warmup_epochs)
+                             seed=state.seed, warmup_epochs=recipe.warmup_epochs,
+                             positions=getattr(model, "uses_position", False))
     val_file = _split_file(cfg, cfg.val_file, "val15splits.csv")
     val_set = EvalDataset(cfg.datapath, val_file) if val_file else None
     if val_set is not None and not len(val_set):
@@ -357,9 +358,11 @@ def _train_epoch(cfg, run, net, model, optimizer, schedule, loader, writer, stat
         schedule.start_iteration(epoch, i)
         torch.manual_seed(iteration_seed(state.seed, epoch, i, run.rank))
         names = batch["name"]
-        batch = {k: batch[k].to(run.device, non_blocking=True) for k in ("image", "label", "mask")}
+        batch = {k: batch[k].to(run.device, non_blocking=True) for k in ("image", "label", "mask", "grid")
+                 if k in batch}
+        inputs = [batch[k] for k in ("image", "mask", "grid") if k in batch]
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            loss, parts = _checked(model.loss(net(batch["image"], batch["mask"]), batch), state.model)
+            loss, parts = _checked(model.loss(net(*inputs), batch), state.model)
         if not torch.isfinite(loss):
             raise TrainingError(f"epoch {epoch + 1}, iteration {i + 1}: the loss is {loss.item()} "
                                 f"(cases {', '.join(names)}); lower --lr or check the data")

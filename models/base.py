@@ -20,6 +20,15 @@ of its own (`train_poly.py --model my_model.py:MyNet`). A model is an nn.Module 
                    with them, evaluation encodes each window once for all subsets
                    (encode's mask: the union of the subsets); without, it runs one forward
                    pass per subset.
+    uses_position   (optional, default False)
+                   True when the model needs to know where each window lies in the native
+                   image grid (e.g. to read a learned full-size image there): forward then
+                   takes a third argument, grid (B, 3, 2) int64, per axis (X, Y, Z) the native
+                   index of the window's first voxel and the step (+1, or -1 along an axis a
+                   training crop was flipped); voxel i lies at first + step * i (beyond the
+                   grid where the crop was padded). Training then takes only augmentations
+                   that keep voxels on the grid, and every case needs its crop box
+                   (meta/<case>.json); evaluation runs one forward pass per subset.
     unused_parameters   (optional, default False)
                    True when a training step may leave parameters without a gradient (e.g.
                    the encoders of absent modalities); distributed training then looks for

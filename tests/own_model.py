@@ -1,6 +1,7 @@
 """A researcher's own model, as it would live in a file outside the project: sigmoid region
 outputs, an anisotropic window, a loss of two named parts and a recipe of its own. The tests
 train, evaluate and apply it through the scripts with --model tests/own_model.py:TinyRegionNet."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -34,3 +35,20 @@ class TinyRegionNet(nn.Module):
         parts = {"bce": F.binary_cross_entropy_with_logits(logits, target),
                  "dice": soft_dice_loss(logits.sigmoid(), target)}
         return parts["bce"] + parts["dice"], parts
+
+
+class TinyPositionNet(TinyRegionNet):
+    """TinyRegionNet with a learned bias per native-grid X index: a model that uses positions
+    (models/base.py), trained with the augmentations that keep voxels on the grid."""
+    uses_position = True
+    recipe = TinyRegionNet.recipe.replace(augmentations=("intensity", "flip"))
+
+    def __init__(self, window=(32, 24, 16), width=4, grid_size=64):
+        super().__init__(window, width)
+        self.bias = nn.Parameter(torch.zeros(grid_size))
+
+    def forward(self, x, mask, grid):  # grid (B, 3, 2): first native index and step per axis
+        x = x * mask[:, :, None, None, None].to(x.dtype)
+        index = grid[:, 0, :1] + grid[:, 0, 1:] * torch.arange(self.window[0], device=x.device)  # (B, X)
+        logits = self.head(F.relu(self.conv(x))) + self.bias[index.clamp(0, len(self.bias) - 1)][:, None, :, None, None]
+        return logits if self.training else logits.sigmoid()
