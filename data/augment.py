@@ -92,11 +92,3 @@ AUGMENTATIONS = {"rotation": random_rotation,
 DEFAULT = ("rotation", "intensity", "flip")  # IM-Fuse's
 # those that keep every voxel on the native grid (flips are tracked): for models that use positions
 POSITION_SAFE = ("intensity", "flip")
-
-
-def augment(image, label, rng, names=DEFAULT):
-    """The named augmentations in the order given (default IM-Fuse's: rotation, intensity
-    change, flips)."""
-    for name in names:
-        image, label = AUGMENTATIONS[name](image, label, rng)
-    return image, label

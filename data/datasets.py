@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from utils.brats import MODALITIES, SUBSETS
 
-from .augment import AUGMENTATIONS, DEFAULT, POSITION_SAFE, augment, random_crop, random_flip
+from .augment import AUGMENTATIONS, DEFAULT, POSITION_SAFE, random_crop, random_flip
 from .preprocessing import CaseError, output_paths, read_meta
 from .splits import read_split
 
@@ -60,11 +60,13 @@ def available_subsets(meta):
     return subsets
 
 
-def crop_origin(root, case):
+def crop_origin(root, case, required=True):
     """The native-grid (X, Y, Z) index of a preprocessed case's voxel (0, 0, 0): the low corner
-    of its crop box (meta/<case>.json); CaseError for a case without one."""
+    of its crop box (meta/<case>.json). A case without one: CaseError, or None if not required."""
     meta = read_meta(root, case)
     if meta is None or "crop_box" not in meta:
+        if not required:
+            return None
         raise CaseError(case, output_paths(root, case)["meta"], "no crop box (the model places every window in "
                         "the native grid: preprocess the case with preprocess.py)")
     return [lo for lo, _ in meta["crop_box"]]
@@ -133,27 +135,24 @@ class TrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         name = self.cases[index]
         vol, seg = case_arrays(self.root, name)
-        if self.origins is None:
-            image, label = random_crop(vol, seg, self.window, rng, self.foreground)
-            image, label = augment(image, label, rng, self.augmentations)
-        else:
-            image, label, start = random_crop(vol, seg, self.window, rng, self.foreground, return_start=True)
-            grid = [[o + s, 1] for o, s in zip(self.origins[index], start)]
-            for aug in self.augmentations:
-                if aug == "flip":
-                    image, label, flipped = random_flip(image, label, rng, return_axes=True)
-                    for axis in np.flatnonzero(flipped):  # the last voxel first
-                        grid[axis] = [grid[axis][0] + image.shape[axis + 1] - 1, -1]
-                else:
-                    image, label = AUGMENTATIONS[aug](image, label, rng)
+        image, label, start = random_crop(vol, seg, self.window, rng, self.foreground, return_start=True)
+        flipped = np.zeros(3, bool)  # flips tracked for the grid
+        for aug in self.augmentations:
+            if aug == "flip":
+                image, label, axes = random_flip(image, label, rng, return_axes=True)
+                flipped ^= np.array(axes)
+            else:
+                image, label = AUGMENTATIONS[aug](image, label, rng)
         subsets = self.subsets[index]
         if self.epoch < self.warmup_epochs:
             mask = max(subsets, key=sum)
         else:
             mask = draw_subset(rng, subsets, self.weights[index])
         sample = _sample(image.astype(np.float32), label, mask, name)
-        if self.origins is not None:
-            sample["grid"] = torch.tensor(grid, dtype=torch.int64)
+        if self.origins is not None:  # a flipped axis starts at the crop's last voxel
+            first = [o + s + (w - 1 if f else 0)
+                     for o, s, w, f in zip(self.origins[index], start, image.shape[1:], flipped)]
+            sample["grid"] = torch.tensor([[a, -1 if f else 1] for a, f in zip(first, flipped)], dtype=torch.int64)
         return sample
 
 
@@ -178,7 +177,7 @@ class EvalDataset(Dataset):
         mask = self.subset or mask or SUBSETS[index % len(SUBSETS)]
         vol, seg = case_arrays(self.root, name, mmap=False)
         sample = _sample(np.ascontiguousarray(vol.transpose(3, 0, 1, 2), dtype=np.float32), seg, mask, name)
-        meta = read_meta(self.root, name)
-        if meta is not None and "crop_box" in meta:
-            sample["origin"] = [lo for lo, _ in meta["crop_box"]]
+        origin = crop_origin(self.root, name, required=False)
+        if origin is not None:
+            sample["origin"] = origin
         return sample

@@ -61,24 +61,24 @@ def model_config(parser, args, check=True):
     return config
 
 
-def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
-
-
 def _grad_clip(text):
     if text.strip().lower() == "none":
         return None
     return _recipe_value("grad_clip", float(text))
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_from(minimum, words):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a {words} integer, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse names it in "invalid integer value"
+    return parse
+
+
+_positive_int, _non_negative_int = _int_from(1, "positive"), _int_from(0, "non-negative")
 
 
 def _json_dict(text):
