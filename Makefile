@@ -39,19 +39,29 @@ demo: $(VENV)/.installed  ## synthetic cohort -> preprocess -> train -> 15-subse
 	print(f\"full-modality WT Dice {float(s['FLAIR+T1c+T1+T2']['WT']):.3f} (target >= 0.70); mean ET Dice over the 8 subsets with T1c {et(True):.3f}, over the 7 without {et(False):.3f}\")"
 	@echo "outputs in $(DEMO)/: results/summary.md, results/figures/, run/ (tensorboard --logdir $(DEMO)/run)"
 
-# Every registered model in its small configuration (engine/small.py: the model's small_config and
-# small_recipe) trained on the demo's synthetic cohort, evaluated on the same 6 held-out cases
-# under the 15 subsets, then compare.py against IM-Fuse.
+# Every registered model (or those of MODELS="imfuse m3ae ...") in its small configuration
+# (engine/small.py: the model's small_config and small_recipe, after its small pre-training stage
+# where it has one) trained on the demo's synthetic cohort, evaluated on the same 6 held-out
+# cases under the 15 subsets, then compare.py against IM-Fuse.
 COMPARE ?= compare_demo
-compare: $(VENV)/.installed  ## all models small on the synthetic cohort -> compare.py (CPU, ~50 min)
+MODELS ?=
+compare: $(VENV)/.installed  ## all models small on the synthetic cohort -> compare.py (CPU, ~55 min)
 	rm -rf $(COMPARE)
 	$(PY) -m data.synthetic --out $(COMPARE)/raw --cases 30 --seed 0 --size 64 64 48 --workers 2
 	$(PY) preprocess.py --input-path $(COMPARE)/raw --output-path $(COMPARE)/data --min-size 32 --workers 2
-	set -e; models=$$($(PY) -c "import engine, models; print(' '.join(models.list_models()))"); \
+	set -e; models="$(MODELS)"; [ -n "$$models" ] || models=$$($(PY) -c "import engine, models; print(' '.join(models.list_models()))"); \
 	for m in $$models; do \
-		echo "== $$m: $$($(PY) -m engine.small $$m)"; \
+		pre=$$($(PY) -m engine.small $$m --pretraining); start=""; \
+		if [ -n "$$pre" ]; then \
+			echo "== $$m, pre-training: $$pre"; \
+			eval $(PY) train_poly.py --datapath $(COMPARE)/data --savepath $(COMPARE)/runs/$$m-pretraining \
+				$$pre --num_workers 0 --no_progress | tail -n 2; \
+			start="--pretrained $(COMPARE)/runs/$$m-pretraining/model_last.pth"; \
+			[ -f $(COMPARE)/runs/$$m-pretraining/model_last.pth ] || { echo "pre-training of $$m failed"; exit 1; }; \
+		fi; \
+		echo "== $$m: $$($(PY) -m engine.small $$m) $$start"; \
 		eval $(PY) train_poly.py --datapath $(COMPARE)/data --savepath $(COMPARE)/runs/$$m \
-			$$($(PY) -m engine.small $$m) --val_every 10 --num_workers 0 --no_progress | tail -n 3; \
+			$$($(PY) -m engine.small $$m) $$start --val_every 10 --num_workers 0 --no_progress | tail -n 3; \
 		$(PY) test.py --datapath $(COMPARE)/data --resume $(COMPARE)/runs/$$m/best.pth \
 			--savepath $(COMPARE)/results/$$m --no_progress > /dev/null; \
 	done; \

@@ -8,7 +8,9 @@ The model's recipe (optimiser, schedule, epochs, batch size, modality dropout, a
 applies unless a flag replaces a value; the first log line prints the effective recipe.
 Writes <savepath>/model_last.pth every epoch, <savepath>/best.pth at each best validation
 score (mean WT/TC/ET Dice) and TensorBoard logs in <savepath>/summary. --resume
-<savepath>/model_last.pth continues a run where it stopped, with its recorded recipe. SIGINT
+<savepath>/model_last.pth continues a run where it stopped, with its recorded recipe;
+--pretrained CKPT starts a fresh run from the weights of another run (M3AE's two stages:
+--stage pretrain, then --stage finetune --pretrained <pretraining run>/model_last.pth). SIGINT
 or SIGTERM ends the current iteration, saves model_last.pth and exits with status 128 + the
 signal number. Under `torchrun --nproc_per_node N train_poly.py ...` it trains with
 DistributedDataParallel.
@@ -38,6 +40,8 @@ def parser():
                                       "(default <datapath>/splits/val15splits.csv; '' for none)")
     p.add_argument("--seed", type=int, help=f"default {DEFAULT_SEED}")
     p.add_argument("--resume", help="a model_last.pth / best.pth of train_poly.py to continue")
+    p.add_argument("--pretrained", help="start a fresh run from the weights of a train_poly.py checkpoint of the "
+                                        "same model that fit (name and shape), e.g. M3AE's pre-training run")
     p.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and the last)")
     p.add_argument("--num_workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; under "
@@ -57,7 +61,8 @@ def main(argv=None):
     config = model_config(p, args, check=bool(args.model or not args.resume))
     cfg = TrainConfig(datapath=args.datapath, savepath=args.savepath, model=args.model, model_config=config,
                       recipe=recipe_flags(args), seed=args.seed, train_file=args.train_file,
-                      val_file=args.val_file, resume=args.resume, val_every=args.val_every,
+                      val_file=args.val_file, resume=args.resume, pretrained=args.pretrained,
+                      val_every=args.val_every,
                       num_workers=args.num_workers, device=args.device, amp=args.amp,
                       progress=not args.no_progress)
     try:

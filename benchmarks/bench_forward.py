@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import build_model  # noqa: E402
 
 PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}, "robustseg": {}, "sfusion": {},
-         "shaspec": {}, "uhved": {}, "mam": {}}
+         "shaspec": {}, "uhved": {}, "mam": {}, "m3ae": {}}
 
 
 def main(argv=None):
@@ -47,13 +47,14 @@ def main(argv=None):
         model = build_model(args.model, **size, **PAPER[args.model], **args.model_args).to(args.device).eval()
         x = torch.randn(1, 4, *model.window, device=args.device)
         mask = torch.ones(1, 4, dtype=torch.bool, device=args.device)
+        inputs = [x, mask] + ([torch.tensor([[[0, 1]] * 3], device=args.device)] if getattr(model, "uses_position", False) else [])
         times = []
         with torch.inference_mode():
             for _ in range(args.repeats + 1):
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                model(x, mask)
+                model(*inputs)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)

@@ -22,12 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import build_model  # noqa: E402
+from engine.training import optimizer_parameters  # noqa: E402
 from models.scan import BACKENDS, ENV_VAR  # noqa: E402
 from utils.brats import SUBSETS  # noqa: E402
 from utils.schedule import make_optimizer  # noqa: E402
 
 PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}, "robustseg": {}, "sfusion": {},
-         "shaspec": {}, "uhved": {}, "mam": {}}
+         "shaspec": {}, "uhved": {}, "mam": {}, "m3ae": {}}
 
 
 def main(argv=None):
@@ -48,7 +49,7 @@ def main(argv=None):
     size = dict(window=tuple(args.window)) if args.window else \
         dict(patch_size=args.patch_size) if args.patch_size else {}
     model = build_model(args.model, **size, **PAPER[args.model], **args.model_args).to(device).train()
-    optimizer = make_optimizer(model.recipe, model.parameters())
+    optimizer = make_optimizer(model.recipe, optimizer_parameters(model, model.recipe))
     x = torch.randn(1, 4, *model.window, device=device)
     label = torch.randint(0, 4, (1, *model.window), device=device)
     times = []
@@ -58,7 +59,8 @@ def main(argv=None):
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss, _ = model.loss(model(x, mask), {"image": x, "label": label, "mask": mask})
+            grid = [torch.tensor([[[0, 1]] * 3], device=device)] if getattr(model, "uses_position", False) else []
+            loss, _ = model.loss(model(x, mask, *grid), {"image": x, "label": label, "mask": mask})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if model.recipe.grad_clip:

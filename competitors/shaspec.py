@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from models import register_model
 from models.base import check_input
-from utils.brats import MODALITIES, REGIONS
+from utils.brats import DROP_COUNT_WEIGHTS, MODALITIES, REGIONS
 from utils.losses import region_targets
 from utils.recipe import Recipe
 
@@ -193,7 +193,7 @@ class ShaSpec(nn.Module):
     # in SUBSETS order); batch 1; crops centred on tumour half the time; nnU-Net augmentation.
     recipe = Recipe(optimizer="sgd", optimizer_args={"momentum": 0.99, "nesterov": True}, lr=1e-2,
                     weight_decay=0.0, schedule="poly_iteration", num_epochs=464, warmup_epochs=280,
-                    subset_weights=(1 / 16,) * 4 + (1 / 24,) * 6 + (1 / 16,) * 4 + (1 / 4,),
+                    subset_weights=DROP_COUNT_WEIGHTS,
                     augmentations=("nnunet_shaspec",), foreground_oversampling=0.5)
 
     small_config = dict(window=(64, 64, 32), width=8, blocks=(1, 1, 1, 1), features=32, decoder_width=8)

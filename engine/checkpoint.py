@@ -18,6 +18,7 @@ import zipfile
 import torch
 
 from models.reference import ReferenceCheckpointError, load_reference_state
+from utils.brats import SEGMENTATION_KINDS
 from utils.io import atomic_path
 from utils.pickled import load_weights, pickled_problem
 
@@ -74,7 +75,7 @@ def checkpoint_model(path, ckpt, given=None):
 
 
 def load_model(path, model=None, config=None):
-    """(model in eval mode on the CPU, checkpoint dict) from a train_poly.py checkpoint (its
+    """(segmenting model in eval mode on the CPU, checkpoint dict) from a train_poly.py checkpoint (its
     own model and configuration; `model` only to name the module of a model from outside the
     project) or from one of the original code (built as `model`, default imfuse, with
     `config`, its weights mapped by the model's reference_renames)."""
@@ -98,4 +99,8 @@ def load_model(path, model=None, config=None):
     except RuntimeError as err:  # load_state_dict: the weights do not fit the configuration
         raise CheckpointError(f"{path}: does not fit model {spec!r} "
                               f"({str(err).strip().splitlines()[0][:200]})")
+    if net.output_kind not in SEGMENTATION_KINDS:
+        raise CheckpointError(f"{path}: its {spec} model outputs {net.output_kind!r}, not a segmentation (a "
+                              f"pre-training stage); train a segmentation stage from it with train_poly.py "
+                              f"--model {spec} --pretrained {path} (and the sizes of this run)")
     return net.eval(), ckpt

@@ -15,6 +15,7 @@ from .models import DEFAULT_MODEL, ModelError, accepts, model_class
 VARIANT_FLAGS = {"interleaved_tokenization": "interleaved", "mamba_skip": "mamba_skip", "first_skip": "first_skip"}
 SIZE_FLAGS = {"patch_size": int, "width": int, "dim": int, "heads": int, "mlp_dim": int, "dropout": float,
               "depth": int, "token_grid": int}
+STAGE_FLAG = "stage"  # --stage: the training stage of a model trained in stages (M3AE)
 
 
 def add_model_flags(parser, sizes=True, title="model"):
@@ -35,6 +36,9 @@ def add_model_flags(parser, sizes=True, title="model"):
         for flag, kind in SIZE_FLAGS.items():
             if flag != "patch_size":
                 group.add_argument(f"--{flag}", type=kind, help="model size (default: the paper's)")
+        group.add_argument(f"--{STAGE_FLAG}", metavar="STAGE",
+                           help="M3AE: pretrain (masked autoencoder, no labels, no validation) or finetune "
+                                "(segmentation, the default; start it from a pre-training run with --pretrained)")
 
 
 def model_config(parser, args, check=True):
@@ -42,7 +46,7 @@ def model_config(parser, args, check=True):
     imfuse): a flag the model does not take is a usage error. check=False: the class is not
     known yet (a resumed run checks the flags against its checkpoint's model)."""
     config = {name: True for flag, name in VARIANT_FLAGS.items() if getattr(args, flag)}
-    config.update({flag: getattr(args, flag) for flag in SIZE_FLAGS
+    config.update({flag: getattr(args, flag) for flag in (*SIZE_FLAGS, STAGE_FLAG)
                    if getattr(args, flag, None) is not None})
     if getattr(args, "window", None):
         config["window"] = tuple(args.window)

@@ -34,13 +34,14 @@ from torch.utils.tensorboard import SummaryWriter
 
 from data.datasets import EvalDataset, TrainDataset
 from data.sampling import EpochSampler
+from utils.brats import SEGMENTATION_KINDS
 from utils.progress import progress_bar
 from utils.recipe import Recipe
 from utils.schedule import LRSchedule, make_optimizer
 
 from .checkpoint import CheckpointError, checkpoint_model, is_own, load_checkpoint, save_checkpoint
 from .evaluation import evaluate
-from .models import DEFAULT_MODEL, ModelError, build_model, canonical_spec, constructor_defaults, model_class
+from .models import DEFAULT_MODEL, ModelError, build_model, canonical_spec, class_name, constructor_defaults, model_class
 
 LAST, BEST = "model_last.pth", "best.pth"
 DEFAULT_SEED = 999
@@ -63,6 +64,7 @@ class TrainConfig:
     train_file: str = None  # default <datapath>/splits/train.txt
     val_file: str = None  # default <datapath>/splits/val15splits.csv; "" for no validation
     resume: str = None
+    pretrained: str = None  # a train_poly.py checkpoint whose fitting weights start a fresh run
     val_every: int = 1
     num_workers: int = 2
     device: str = None  # default cuda when available
@@ -82,12 +84,14 @@ class RunState:
     sums: dict = field(default_factory=dict)  # their loss sums
     step: int = 0  # TensorBoard step: iterations since the start
     val_Dice_best: float = -math.inf
+    pretrained: str = None  # the checkpoint the run started from (--pretrained)
 
     def checkpoint(self, model, optimizer, schedule):
         return {"model": self.model, "config": self.config, "recipe": self.recipe.as_dict(),
                 "seed": self.seed, "epoch": self.epoch, "iteration": self.iteration, "sums": self.sums,
-                "step": self.step, "val_Dice_best": self.val_Dice_best, "state_dict": model.state_dict(),
-                "optim_dict": optimizer.state_dict(), "schedule": schedule.state_dict()}
+                "step": self.step, "val_Dice_best": self.val_Dice_best, "pretrained": self.pretrained,
+                "state_dict": model.state_dict(), "optim_dict": optimizer.state_dict(),
+                "schedule": schedule.state_dict()}
 
 
 def iteration_seed(seed, epoch, iteration, rank):
@@ -220,16 +224,51 @@ def _recipe(cfg, ckpt, model):
     return recipe, source
 
 
-def _start(cfg, device):
+def load_pretrained(model, spec, path):
+    """Copy into `model` (of spec) every tensor of the train_poly.py checkpoint at `path` (a
+    model of the same class) whose name and shape it has; returns what was taken, in words."""
+    ckpt = load_checkpoint(path)
+    if not is_own(ckpt):
+        raise CheckpointError(f"{path}: --pretrained takes a train_poly.py checkpoint (no model name and "
+                              "configuration here)")
+    if class_name(ckpt["model"]) != class_name(spec):
+        raise CheckpointError(f"{path}: holds a {ckpt['model']} model; --pretrained needs one of {spec}")
+    own = model.state_dict()
+    taken = {k: v for k, v in ckpt["state_dict"].items() if torch.is_tensor(v) and k in own and v.shape == own[k].shape}
+    lacking = [k for k in getattr(model, "pretrained_keys", ()) if k not in taken]
+    if not taken or lacking:
+        raise CheckpointError(f"{path}: " + (f"has no {', '.join(lacking)} of the model's shape" if lacking else
+                                             "no tensor of it fits the model") + " (check the model's sizes)")
+    model.load_state_dict(taken, strict=False)
+    kept = [k for k in own if k not in taken]
+    return (f"weights from {path}: {len(taken)} of {len(own)} tensors; initial: "
+            + (", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "") if kept else "none"))
+
+
+def optimizer_parameters(model, recipe):
+    """The model's parameter groups (its `optimizer_groups(recipe)` where it has one), else its
+    parameters."""
+    return model.optimizer_groups(recipe) if hasattr(model, "optimizer_groups") else model.parameters()
+
+
+def _start(cfg, device, log):
     """(model, optimizer, RunState, where the recipe came from, the scheduler's saved state)
-    for a fresh run or the run of cfg.resume."""
+    for a fresh run (from cfg.pretrained's weights where given) or the run of cfg.resume."""
+    if cfg.resume and cfg.pretrained:
+        raise TrainingError("--pretrained starts a fresh run from a checkpoint's weights; --resume continues "
+                            "a run (give one of them)")
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     spec, config, seed = _identity(cfg, ckpt)
     torch.manual_seed(seed)
     model = build_model(spec, **config).to(device)
     recipe, source = _recipe(cfg, ckpt, model)
-    state = RunState(spec, config, recipe, seed)
-    optimizer = make_optimizer(recipe, model.parameters())
+    state = RunState(spec, config, recipe, seed, pretrained=cfg.pretrained)
+    if cfg.pretrained:
+        log(load_pretrained(model, spec, cfg.pretrained))
+    elif ckpt is None and getattr(model, "pretrained_keys", ()):
+        raise TrainingError(f"model {spec} {config}: starts from a checkpoint of the stage before, for "
+                            f"{', '.join(model.pretrained_keys)}: give --pretrained CKPT")
+    optimizer = make_optimizer(recipe, optimizer_parameters(model, recipe))
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["state_dict"])
@@ -241,6 +280,7 @@ def _start(cfg, device):
             group.setdefault("initial_lr", recipe.lr)
         for key in ("epoch", "iteration", "sums", "step", "val_Dice_best"):
             setattr(state, key, ckpt[key])
+        state.pretrained = ckpt.get("pretrained")
     return model, optimizer, state, source, (ckpt or {}).get("schedule", {})
 
 
@@ -274,19 +314,22 @@ def train(cfg, log=print):
 
 
 def _train(cfg, run, log):
-    model, optimizer, state, source, schedule_state = _start(cfg, run.device)
+    model, optimizer, state, source, schedule_state = _start(cfg, run.device, log)
     recipe = state.recipe
     train_set = TrainDataset(cfg.datapath, _split_file(cfg, cfg.train_file, "train.txt"), model.window,
                              recipe.augmentations, recipe.subset_weights, recipe.foreground_oversampling,
                              seed=state.seed, warmup_epochs=recipe.warmup_epochs,
                              positions=getattr(model, "uses_position", False))
     val_file = _split_file(cfg, cfg.val_file, "val15splits.csv")
-    val_set = EvalDataset(cfg.datapath, val_file) if val_file else None
+    segments = model.output_kind in SEGMENTATION_KINDS
+    if not segments:
+        log(f"no validation: the model's output is {model.output_kind!r}, not a segmentation")
+    val_set = EvalDataset(cfg.datapath, val_file) if val_file and segments else None
     if val_set is not None and not len(val_set):
         raise TrainingError(f"{val_file}: no validation cases (--val_file '' trains without validation)")
     if val_set is None and recipe.schedule == "plateau":
         raise TrainingError("the plateau schedule follows the validation score: give validation "
-                            "cases (--val_file) or another --schedule")
+                            "cases (--val_file) and a model that segments, or another --schedule")
     iters = recipe.iter_per_epoch or -(-len(train_set) // (recipe.batch_size * run.world))
     schedule = LRSchedule(optimizer, recipe, iters)
     schedule.load_state_dict(schedule_state)

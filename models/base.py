@@ -4,8 +4,10 @@ of its own (`train_poly.py --model my_model.py:MyNet`). A model is an nn.Module 
 
     window         3-tuple (X, Y, Z): the training crop and the sliding window of evaluation
                    (cubic models derive it from their `patch_size` argument)
-    output_kind    "classes": softmax over background, NCR, ED, ET (4 channels), or
-                   "regions": sigmoid of WT, TC, ET, in that order (3 channels)
+    output_kind    "classes": softmax over background, NCR, ED, ET (4 channels),
+                   "regions": sigmoid of WT, TC, ET, in that order (3 channels), or
+                   "image": the 4 modalities (a pre-training stage that does not segment:
+                   trained without validation, refused by test.py and predict.py)
     recipe         a utils.recipe.Recipe: the training defaults train_poly.py uses for it
     forward(x, mask)
                    x (B, 4, *window) in MODALITIES order, mask (B, 4) bool (the modalities
@@ -29,6 +31,12 @@ of its own (`train_poly.py --model my_model.py:MyNet`). A model is an nn.Module 
                    grid where the crop was padded). Training then takes only augmentations
                    that keep voxels on the grid, and every case needs its crop box
                    (meta/<case>.json); evaluation runs one forward pass per subset.
+    optimizer_groups(recipe)   (optional)
+                   the optimiser's parameter groups (dicts with "params", optionally their
+                   own "lr"); default: every parameter, at the recipe's lr
+    pretrained_keys   (optional, default ())
+                   state keys a fresh training run must take from a checkpoint of an earlier
+                   stage (train_poly.py --pretrained; refused without)
     unused_parameters   (optional, default False)
                    True when a training step may leave parameters without a gradient (e.g.
                    the encoders of absent modalities); distributed training then looks for

@@ -1,6 +1,7 @@
 """BraTS 2023 definitions shared by every part of the project (SPEC sections 1 and 2):
 the modality order, the 15 modality subsets in the order the paper reports them, the
-labels, the evaluation regions and the two kinds of model output."""
+labels, the evaluation regions and the kinds of model output."""
+import math
 
 # Channel order everywhere (inputs, masks, checkpoints).
 MODALITIES = ("flair", "t1c", "t1", "t2")
@@ -33,6 +34,13 @@ SUBSETS = (
 )
 
 
+# Subset weights (SUBSETS order) of the dropout law of ShaSpec and M3AE: the number of dropped
+# modalities uniform in 0..3, then which ones uniformly (1/16 each single, 1/24 each pair,
+# 1/16 each triple, 1/4 all).
+DROP_COUNT_WEIGHTS = tuple(1 / len(MODALITIES) / math.comb(len(MODALITIES), len(MODALITIES) - sum(mask))
+                           for mask in SUBSETS)
+
+
 def subset_name(mask):
     """'FLAIR+T1c' for the mask (True, True, False, False)."""
     return "+".join(name for name, present in zip(MODALITY_NAMES, mask) if present)
@@ -48,10 +56,12 @@ LEGACY_LABEL_MAP = {4: 3}
 # Evaluation regions: the labels each one contains.
 REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
-# What a model's output maps are: softmax probabilities of the labels ("classes") or sigmoid
-# probabilities of the regions ("regions"), channel by channel.
-OUTPUT_CHANNELS = {"classes": tuple(LABELS.values()), "regions": tuple(REGIONS)}
-OUTPUT_ACTIVATION = {"classes": "softmax", "regions": "sigmoid"}
+# What a model's output maps are: softmax probabilities of the labels ("classes"), sigmoid
+# probabilities of the regions ("regions"), channel by channel, or the images of the
+# modalities ("image": a pre-training stage that reconstructs them and does not segment).
+OUTPUT_CHANNELS = {"classes": tuple(LABELS.values()), "regions": tuple(REGIONS), "image": MODALITY_NAMES}
+OUTPUT_ACTIVATION = {"classes": "softmax", "regions": "sigmoid", "image": "none"}
+SEGMENTATION_KINDS = ("classes", "regions")
 REGION_THRESHOLD = 0.5
 
 
@@ -62,7 +72,7 @@ def to_labels(output, kind, axis=0):
     if kind == "classes":
         return output.argmax(axis)
     if kind != "regions":
-        raise ValueError(f"unknown output kind {kind!r}; use one of {', '.join(OUTPUT_CHANNELS)}")
+        raise ValueError(f"output kind {kind!r} has no labels; use one of {', '.join(SEGMENTATION_KINDS)}")
     wt, tc, et = (output[(slice(None),) * axis + (k,)] > REGION_THRESHOLD for k in range(3))
     return et * 3 + ~et * (tc * 1 + ~tc * wt * 2)
 
