@@ -1,35 +1,47 @@
 """Segment one patient's scans with a trained model, whichever of FLAIR, T1c, T1 and T2 exist.
 
     python predict.py --resume best.pth --input BraTS-GLI-00000-000 --output seg.nii.gz
-    python predict.py --resume best.pth --flair flair.nii.gz --t1 t1.nii.gz --output seg.nii.gz
+    python predict.py --resume best.pth --flair flair.nii.gz --t1c t1c_dicom/ --output seg.nii.gz [--register]
 
 --input is a folder whose NIfTI files are named like a BraTS case's (-t2f/-t1c/-t1n/-t2w as in
-2023, or _flair/_t1ce/_t1/_t2). The scans are preprocessed as for training, segmented with the
-sliding window (the encoders of absent sequences are not run) and the label map (uint8: 0
-background, 1 NCR, 2 ED, 3 ET) is written in the input's grid: same shape and affine.
---probabilities also writes the model's output maps (X, Y, Z, K) float32: the four class
-probabilities (background, NCR, ED, ET) or, for a region model, those of WT, TC and ET.
+2023, or _flair/_t1ce/_t1/_t2); --flair/--t1c/--t1/--t2 take NIfTI files or folders of one
+DICOM series. Sequences on one 1 mm grid (BraTS-like) are preprocessed as for training;
+others are first resampled into a 1 mm grid aligned with a reference sequence (--reference;
+default T1c, else the one with the smallest voxels), after a rigid registration to it with
+--register. The scans are segmented with the sliding window (the encoders of absent sequences
+are not run) and the label map (uint8: 0 background, 1 NCR, 2 ED, 3 ET) is written in the
+reference's grid: same shape and affine. --probabilities also writes the model's output maps
+(X, Y, Z, K) float32: the four class probabilities (background, NCR, ED, ET) or, for a region
+model, those of WT, TC and ET. Beside the label map: <output>.json (sequences and their
+grids, reference, model, tumour volumes in cm3) and <output>.png (the prediction over each
+sequence in three planes through the tumour).
 """
 import argparse
 import contextlib
+import json
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import torch
 
-from data.patient import load_patient, modality_files
+from data.clinical import load_clinical, motion, nifti_affine, skull_warning
+from data.patient import load_patient, modality_files, one_grid_1mm
 from data.preprocessing import CaseError, uncrop
 from engine.checkpoint import CheckpointError, load_model
 from engine.cli import add_model_flags, model_config
 from engine.evaluation import predict_subsets
-from utils.brats import MODALITIES, MODALITY_NAMES, OUTPUT_ACTIVATION, OUTPUT_CHANNELS, to_labels
+from utils.brats import LABELS, MODALITIES, MODALITY_NAMES, OUTPUT_ACTIVATION, OUTPUT_CHANNELS, REGIONS, to_labels
+from utils.figures import report_figure
 from utils.io import atomic_path, nifti_image
 
 NIFTI = re.compile(r"\.nii(\.gz)?$")
+VOLUMES = {**{LABELS[k]: (k,) for k in (1, 2, 3)}, "TC": REGIONS["TC"], "WT": REGIONS["WT"]}  # name -> labels
 
 
 def parser():
@@ -37,7 +49,14 @@ def parser():
     p.add_argument("--resume", required=True, help="checkpoint (train_poly.py's or the original code's)")
     p.add_argument("--input", help="folder with the patient's BraTS-named NIfTI files")
     for name, flag in zip(MODALITY_NAMES, MODALITIES):
-        p.add_argument(f"--{flag}", help=f"the {name} image (instead of --input)")
+        p.add_argument(f"--{flag}", help=f"the {name} image: a NIfTI file or a folder of one DICOM series "
+                                         "(instead of --input)")
+    p.add_argument("--reference", choices=MODALITIES,
+                   help="the sequence whose grid the outputs take and the 1 mm working grid follows "
+                        "(default t1c when given, else the sequence with the smallest voxels)")
+    p.add_argument("--register", action="store_true",
+                   help="register every other sequence rigidly to the reference (mutual information) "
+                        "before resampling, for patient motion between sequences")
     p.add_argument("--output", required=True, help="label map to write (.nii.gz or .nii)")
     p.add_argument("--probabilities", nargs="?", const="", metavar="PATH",
                    help="also write the model's output maps: class or region probabilities "
@@ -55,7 +74,8 @@ def outputs(p, args):
     """[(path, kind)] to write; bad names are a usage error."""
     if not NIFTI.search(args.output):
         p.error(f"--output {args.output}: give a .nii.gz or .nii file name")
-    paths = [(args.output, "labels")]
+    base = NIFTI.sub("", args.output)
+    paths = [(args.output, "labels"), (base + ".json", "report"), (base + ".png", "figure")]
     if args.probabilities is not None:
         path = args.probabilities or NIFTI.sub("", args.output) + "_probabilities.nii.gz"
         if not NIFTI.search(path) or os.path.abspath(path) == os.path.abspath(args.output):
@@ -64,17 +84,105 @@ def outputs(p, args):
     return paths
 
 
-def segment(model, patient, batch_size, progress):
-    """-> (labels (X, Y, Z) uint8, output maps (X, Y, Z, K) float32) in the native grid;
-    outside the crop: background (class probabilities) or no region."""
+def segment(model, patient, shape, batch_size, progress):
+    """-> (labels (X, Y, Z) uint8, output maps (X, Y, Z, K) float32) in the grid of `shape` the
+    patient's crop box lies in; outside the crop: background (class probabilities) or no region."""
     probs = predict_subsets(model, torch.from_numpy(patient.volume), [patient.mask], batch_size, progress,
                             origin=[lo for lo, _ in patient.box])[0].cpu().numpy()  # (K, x, y, z)
-    shape = patient.reference.shape
     full = uncrop(probs, shape, patient.box)
     if model.output_kind == "classes":
         full[0][uncrop(np.ones(probs.shape[1:], bool), shape, patient.box) == 0] = 1
     labels = to_labels(probs, model.output_kind).astype(np.uint8)
     return uncrop(labels, shape, patient.box), np.moveaxis(full, 0, -1)
+
+
+@dataclass
+class Result:
+    """A prediction in the output grid (the reference sequence's) and in the working grid."""
+    labels: np.ndarray  # (X, Y, Z) uint8, output grid
+    maps: np.ndarray  # (X, Y, Z, K) float32, output grid
+    affine: np.ndarray  # the output grid's
+    images: np.ndarray  # (M, x, y, z) the model's input: the working grid's crop box
+    crop_labels: np.ndarray  # (x, y, z) the labels there
+    work_affine: np.ndarray  # the working grid's
+    report: dict
+
+
+def nifti_grid(path):
+    """The source grid of a NIfTI file, for the report."""
+    img = nib.load(path)
+    return {"source": path, "format": "nifti", "shape": list(img.shape),
+            "spacing_mm": [round(float(z), 4) for z in img.header.get_zooms()[:3]],
+            "orientation": "".join(nib.aff2axcodes(img.affine))}
+
+
+def volumes(labels, affine):
+    """{NCR, ED, ET, TC, WT: cm3}: voxel counts times the voxel volume of `affine`."""
+    voxel = abs(np.linalg.det(np.asarray(affine)[:3, :3])) / 1000
+    return {name: round(float(np.isin(labels, values).sum() * voxel), 4) for name, values in VOLUMES.items()}
+
+
+def _crop(array, box):
+    return array[tuple(slice(lo, hi) for lo, hi in box)]
+
+
+def announce(paths, log):
+    used = [f"{name} ({os.path.basename(os.path.normpath(path))})" for name, path in zip(MODALITY_NAMES, paths) if path]
+    missing = [name for name, path in zip(MODALITY_NAMES, paths) if not path]
+    log(f"using {', '.join(used)}" + (f"; missing {', '.join(missing)}" if missing else ""))
+
+
+def predict_brats_like(model, paths, args, log):
+    """Sequences on one 1 mm grid, preprocessed exactly as training cases."""
+    patient = load_patient(paths, model.window)
+    announce(paths, log)
+    labels, maps = segment(model, patient, patient.reference.shape, args.batch_size, not args.no_progress)
+    for k, path in enumerate(paths):
+        warning = path and skull_warning(MODALITY_NAMES[k], path, np.asarray(nib.load(path).dataobj))
+        if warning:
+            log(f"warning: {warning}")
+    index = MODALITIES.index(args.reference) if args.reference else next(k for k, path in enumerate(paths) if path)
+    reference = MODALITY_NAMES[index]
+    report = {"reference": reference, "working_grid": "the sequences' own (one 1 mm grid)",
+              "sequences": {MODALITY_NAMES[k]: nifti_grid(path) for k, path in enumerate(paths) if path}}
+    affine = patient.reference.affine
+    return Result(labels, maps, affine, patient.volume, _crop(labels, patient.box), affine, report)
+
+
+def predict_clinical(model, paths, args, log):
+    """Sequences on other grids: resampled into the reference's 1 mm working grid (registered
+    first with --register); the outputs sent back into the reference's grid."""
+    patient = load_clinical(paths, model.window, args.reference, args.register, log)
+    announce(paths, log)
+    grid, ref = patient.grid, patient.reference
+    for s in patient.sequences:
+        warning = skull_warning(s.name, s.source, sitk.GetArrayViewFromImage(s.image))
+        if warning:
+            log(f"warning: {warning}")
+    log(f"reference {ref.name} ({'x'.join(map(str, ref.image.GetSize()))} voxels of "
+        f"{'x'.join(f'{v:g}' for v in ref.image.GetSpacing())} mm); working grid "
+        f"{'x'.join(map(str, grid.GetSize()))} at 1 mm")
+    work_labels, work_maps = segment(model, patient, tuple(grid.GetSize()), args.batch_size, not args.no_progress)
+    labels = patient.to_reference(work_labels, nearest=True)
+    maps = patient.to_reference(work_maps, nearest=False)
+    if model.output_kind == "classes":  # outside the working grid: background
+        maps[..., 0] = np.clip(1 - maps[..., 1:].sum(-1), 0, 1)
+    sequences = {s.name: s.grid() for s in patient.sequences}
+    if args.register:
+        for s in patient.sequences:
+            if s is not ref:
+                angles, shift = motion(s.transform)
+                sequences[s.name]["registration"] = {"rotation_deg_xyz": [round(a, 3) for a in angles],
+                                                     "translation_mm": [round(t, 3) for t in shift]}
+    report = {"reference": ref.name, "sequences": sequences,
+              "working_grid": {"shape": list(grid.GetSize()), "spacing_mm": 1.0}}
+    return Result(labels, maps, nifti_affine(ref.image), patient.volume, _crop(work_labels, patient.box),
+                  nifti_affine(grid), report)
+
+
+def _ras(volume, affine):
+    """(X, Y, Z) voxel array -> the same voxels with axes pointing right, anterior, superior."""
+    return nib.orientations.apply_orientation(volume, nib.orientations.io_orientation(affine))
 
 
 def main(argv=None):
@@ -89,32 +197,49 @@ def main(argv=None):
         p.error("--batch_size must be positive")
     targets = outputs(p, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    log = lambda line: print(f"predict.py: {line}", file=sys.stderr)  # noqa: E731
     try:
         paths = modality_files(args.input) if args.input else explicit
+        if args.reference and not paths[MODALITIES.index(args.reference)]:
+            raise CaseError(None, "input", f"--reference {args.reference}: no "
+                                           f"{MODALITY_NAMES[MODALITIES.index(args.reference)]} sequence given")
         model, _ = load_model(args.resume, args.model, model_config(p, args))
         start = time.perf_counter()
-        patient = load_patient(paths, model.window)
-        used = [f"{name} ({os.path.basename(path)})" for name, path in zip(MODALITY_NAMES, paths) if path]
-        missing = [name for name, path in zip(MODALITY_NAMES, paths) if not path]
-        print(f"predict.py: using {', '.join(used)}" + (f"; missing {', '.join(missing)}" if missing else ""),
-              file=sys.stderr)
-        labels, probs = segment(model.to(device), patient, args.batch_size, not args.no_progress)
+        model.to(device)
+        brats_like = not args.register and one_grid_1mm(paths)
+        result = (predict_brats_like if brats_like else predict_clinical)(model, paths, args, log)
         channels = f"{', '.join(OUTPUT_CHANNELS[model.output_kind])} ({OUTPUT_ACTIVATION[model.output_kind]})"
-        data = {"labels": (labels, "labels 0 background, 1 NCR, 2 ED, 3 ET"),
-                "probabilities": (probs, f"channels {channels}")}
+        cm3 = volumes(result.labels, result.affine)
+        report = {"output": os.path.abspath(args.output), "model": model.registry_name if hasattr(
+                      model, "registry_name") else type(model).__name__, "checkpoint": os.path.abspath(args.resume),
+                  **result.report, "missing": [name for name, path in zip(MODALITY_NAMES, paths) if not path],
+                  "volumes_cm3": cm3}
         with contextlib.ExitStack() as stack:  # all outputs renamed together, none on failure
             for path, kind in targets:
-                image = nifti_image(data[kind][0], patient.reference.affine)
-                image.header["descrip"] = data[kind][1][:79].encode()
-                nib.save(image, stack.enter_context(atomic_path(path)))
+                tmp = stack.enter_context(atomic_path(path))
+                if kind == "report":
+                    with open(tmp, "w") as f:
+                        json.dump(report, f, indent=1)
+                elif kind == "figure":
+                    present = [k for k, path in enumerate(paths) if path]
+                    report_figure(tmp, [_ras(result.images[k], result.work_affine) for k in present],
+                                  _ras(result.crop_labels, result.work_affine), [MODALITY_NAMES[k] for k in present])
+                else:
+                    data, text = ((result.labels, "labels 0 background, 1 NCR, 2 ED, 3 ET") if kind == "labels"
+                                  else (result.maps, f"channels {channels}"))
+                    image = nifti_image(data, result.affine)
+                    image.header["descrip"] = text[:79].encode()
+                    nib.save(image, tmp)
     except (CaseError, CheckpointError, FileNotFoundError, ValueError, OSError) as err:
         print(f"predict.py: {err}", file=sys.stderr)
         return 1
-    counts = ", ".join(f"{name} {int((labels == k).sum())}" for k, name in ((1, "NCR"), (2, "ED"), (3, "ET")))
-    print(f"predict.py: wrote {', '.join(path for path, _ in targets)} ({'x'.join(map(str, labels.shape))}; "
-          f"voxels {counts}) in {time.perf_counter() - start:.1f} s on {device}", file=sys.stderr)
-    if len(targets) > 1:
-        print(f"predict.py: {targets[1][0]} holds {channels}, last axis", file=sys.stderr)
+    counts = ", ".join(f"{name} {int((result.labels == k).sum())}" for k, name in ((1, "NCR"), (2, "ED"), (3, "ET")))
+    log(f"wrote {', '.join(path for path, _ in targets)} ({'x'.join(map(str, result.labels.shape))}; "
+        f"voxels {counts}) in {time.perf_counter() - start:.1f} s on {device}")
+    log("volumes " + ", ".join(f"{name} {v:.2f} cm3" for name, v in cm3.items()))
+    probabilities = [path for path, kind in targets if kind == "probabilities"]
+    if probabilities:
+        log(f"{probabilities[0]} holds {channels}, last axis")
     return 0
 
 

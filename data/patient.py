@@ -48,6 +48,24 @@ def modality_files(folder):
     return paths
 
 
+def one_grid_1mm(paths, tolerance=1e-3):
+    """Whether the given paths are NIfTI files of one grid (shape and affine) of 1 mm voxels, as
+    BraTS cases are; also True when a header cannot be read (load_patient then names the file)."""
+    headers = []
+    for path in filter(None, paths):
+        if os.path.isdir(path):
+            return False
+        try:
+            headers.append(nib.load(path))
+        except Exception:
+            return True
+    if not headers:
+        return True
+    first = headers[0]
+    return all(h.shape == first.shape and np.allclose(h.affine, first.affine, atol=tolerance)
+               and np.allclose(h.header.get_zooms()[:3], 1, atol=tolerance) for h in headers)
+
+
 def load_patient(paths, min_size):
     """paths: [path or None] per modality -> Patient, cropped to at least min_size (an int, or
     one per axis: the model's window). Every given file must be readable, have image content

@@ -88,7 +88,7 @@ def test_the_encoders_of_absent_sequences_do_not_run(case):
     calls = [0] * 4
     for k, encoder in enumerate(model.encoders):
         encoder.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls[k] + 1))
-    labels, _ = script("predict").segment(model, patient, 1, False)
+    labels, _ = script("predict").segment(model, patient, patient.reference.shape, 1, False)
     assert calls[0] > 0 and calls[2] > 0 and calls[1] == calls[3] == 0
     assert labels.shape == patient.reference.shape
 
@@ -124,7 +124,7 @@ def test_a_corrupt_file_is_refused_by_name_with_no_output(case, tmp_path, capsys
 
 
 @pytest.mark.parametrize("change", ["affine", "shape"])
-def test_mismatched_geometry_is_refused_by_name_with_no_output(case, tmp_path, capsys, change):
+def test_a_sequence_on_another_grid_is_resampled_into_the_reference(case, tmp_path, capsys, change):
     case_dir, ckpt = case
     files = modality_files(case_dir)
     img = nib.load(files[3])
@@ -136,8 +136,11 @@ def test_mismatched_geometry_is_refused_by_name_with_no_output(case, tmp_path, c
     t2 = tmp_path / "t2.nii.gz"
     nib.save(nib.Nifti1Image(data, affine), t2)
     out = tmp_path / "out" / "seg.nii.gz"
-    assert predict("--resume", ckpt, "--flair", files[0], "--t2", t2, "--output", out) == 1
-    assert_refused(capsys, out, str(t2), change)
+    assert predict("--resume", ckpt, "--flair", files[0], "--t2", t2, "--output", out) == 0
+    assert "reference FLAIR" in capsys.readouterr().err  # the smallest voxels, the first of equals
+    flair = nib.load(files[0])
+    seg = nib.load(out)
+    assert seg.shape == flair.shape and np.allclose(seg.affine, flair.affine, atol=1e-4)
 
 
 def test_no_usable_sequence_and_empty_images_are_refused(case, tmp_path, capsys):

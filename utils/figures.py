@@ -1,5 +1,6 @@
-"""A PNG per case: the ground truth and the prediction of each modality subset over FLAIR,
-at the axial slice where the reference tumour is largest."""
+"""PNGs: per evaluated case, the ground truth and the prediction of each modality subset over
+FLAIR at the axial slice where the reference tumour is largest; per predicted patient, the
+prediction over each sequence in three planes through the tumour."""
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -54,3 +55,36 @@ def case_figure(path, flair, target, labels, titles, columns=4, min_width=160, a
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
     return z
+
+
+def report_figure(path, images, labels, titles, min_width=160, alpha=0.45):
+    """PNG of each image of `images` (S, X, Y, Z), axes pointing right, anterior and superior
+    (RAS), with `labels` (X, Y, Z) overlaid: one row per image (titles: S names), the axial,
+    coronal and sagittal slices through the centre of the labelled voxels (of the volume when
+    there are none). Returns the centre (x, y, z)."""
+    voxels = np.argwhere(labels > 0)
+    centre = voxels.mean(0).round().astype(int) if len(voxels) else np.array(labels.shape) // 2
+    x, y, z = centre
+
+    def views(volume):  # 2-D arrays (columns, rows): left to right, top to bottom
+        return [("axial", volume[:, ::-1, z]), ("coronal", volume[:, y, ::-1]), ("sagittal", volume[x, :, ::-1])]
+
+    scale = max(1, -(-min_width // max(labels.shape)))
+    rows = []
+    for image, title in zip(images, titles):
+        panels = [_panel(_grey(grey.astype(np.float32)), label.astype(np.int64), f"{title} {view}", scale, alpha, 14)
+                  for (view, grey), (_, label) in zip(views(image), views(labels))]
+        rows.append(panels)
+    width = max(sum(p.width for p in row) for row in rows)
+    height = sum(max(p.height for p in row) for row in rows)
+    sheet = Image.new("RGB", (width, height))
+    top = 0
+    for row in rows:
+        left = 0
+        for panel in row:
+            sheet.paste(panel, (left, top))
+            left += panel.width
+        top += max(p.height for p in row)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return tuple(int(c) for c in centre)
