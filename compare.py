@@ -12,17 +12,17 @@ models.csv (parameters, parameters in use, seconds per case, mean HD95), signifi
 95 % interval, Wilcoxon signed-rank p and Holm-adjusted p), comparison.png (mean Dice against
 parameters in use) and subsets.png (Dice per subset and model).
 """
-import argparse
 import sys
 
 from engine.comparison import (HD95, REGIONS, TESTED, ComparisonError, best, common_pairs, label_runs, load_run,
                                model_summary, paired_tests, region_tables)
 from utils.io import write_csv, write_text
+from utils.parser import ArgumentParser
 from utils.plots import dice_vs_parameters, subset_heatmaps
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", nargs="+", required=True, help="test.py output folders, one per model")
     p.add_argument("--savepath", required=True, help="output folder")
     p.add_argument("--reference", default="imfuse", help="the model the others are tested against (a run's "
@@ -70,7 +70,11 @@ def markdown(runs, keys, extra, tables, summary, tests, reference):
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    p.check_writable("--savepath", args.savepath)
+    if args.resamples < 1:
+        p.error("--resamples must be positive")
     try:
         runs = label_runs([load_run(folder) for folder in args.results])
         keys, extra = common_pairs(runs)

@@ -16,7 +16,6 @@ model, those of WT, TC and ET. Beside the label map: <output>.json (sequences an
 grids, reference, model, tumour volumes in cm3) and <output>.png (the prediction over each
 sequence in three planes through the tumour).
 """
-import argparse
 import contextlib
 import json
 import os
@@ -39,13 +38,14 @@ from engine.evaluation import predict_subsets
 from utils.brats import LABELS, MODALITIES, MODALITY_NAMES, OUTPUT_ACTIVATION, OUTPUT_CHANNELS, REGIONS, to_labels
 from utils.figures import report_figure
 from utils.io import atomic_path, nifti_image
+from utils.parser import ArgumentParser
 
 NIFTI = re.compile(r"\.nii(\.gz)?$")
 VOLUMES = {**{LABELS[k]: (k,) for k in (1, 2, 3)}, "TC": REGIONS["TC"], "WT": REGIONS["WT"]}  # name -> labels
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--resume", required=True, help="checkpoint (train_poly.py's or the original code's)")
     p.add_argument("--input", help="folder with the patient's BraTS-named NIfTI files")
     for name, flag in zip(MODALITY_NAMES, MODALITIES):
@@ -196,6 +196,8 @@ def main(argv=None):
     if args.batch_size < 1:
         p.error("--batch_size must be positive")
     targets = outputs(p, args)
+    for path, kind in targets:
+        p.check_writable("--output" if kind != "probabilities" else "--probabilities", path)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log = lambda line: print(f"predict.py: {line}", file=sys.stderr)  # noqa: E731
     try:

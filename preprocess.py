@@ -6,14 +6,14 @@ Writes OUT/vol/<case>_vol.npy, OUT/seg/<case>_seg.npy (as the original IM-Fuse s
 OUT/meta/<case>.json and a seeded 70/10/20 split in OUT/splits/. Faulty cases are reported
 one line each and make the exit status 1; the good ones are still written.
 """
-import argparse
 import sys
 
 from data.preprocessing import preprocess_all
+from utils.parser import ArgumentParser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input-path", required=True, help="folder of BraTS case folders")
     parser.add_argument("--output-path", required=True, help="where vol/, seg/, meta/, splits/ go")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes")
@@ -22,6 +22,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="redo cases already written")
     parser.add_argument("--seed", type=int, default=999, help="seed of the train/val/test split")
     args = parser.parse_args(argv)
+    parser.check_writable("--output-path", args.output_path)
     if args.workers < 1 or args.min_size < 1:
         parser.error("--workers and --min-size must be positive")
     try:

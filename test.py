@@ -11,7 +11,6 @@ Checkpoints of train_poly.py describe their model (one of your own: name its mod
 with --model); for checkpoints of the original code give the variant flags
 (--interleaved_tokenization, --mamba_skip, --first_skip, --patch_size).
 """
-import argparse
 import json
 import os
 import sys
@@ -31,10 +30,11 @@ from engine.models import DEFAULT_MODEL
 from utils.brats import parse_subsets, subset_name
 from utils.figures import case_figure
 from utils.io import save_nifti, write_csv, write_text
+from utils.parser import ArgumentParser
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datapath", required=True, help="preprocessed data (vol/, seg/, meta/, splits/)")
     p.add_argument("--resume", required=True, help="checkpoint (train_poly.py's or the original code's)")
     p.add_argument("--savepath", required=True, help="output folder")
@@ -77,6 +77,7 @@ def case_writer(savepath, nifti):
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    p.check_writable("--savepath", args.savepath)
     if args.batch_size < 1:
         p.error("--batch_size must be positive")
     try:

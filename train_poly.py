@@ -15,20 +15,20 @@ or SIGTERM ends the current iteration, saves model_last.pth and exits with statu
 signal number. Under `torchrun --nproc_per_node N train_poly.py ...` it trains with
 DistributedDataParallel.
 """
-import argparse
 import sys
 
 from data.preprocessing import CaseError
 from engine.checkpoint import CheckpointError
-from engine.cli import add_model_flags, add_recipe_flags, model_config, recipe_flags
+from engine.cli import add_model_flags, add_recipe_flags, model_config, non_negative_int, recipe_flags
 from engine.training import DEFAULT_SEED, TrainConfig, TrainingError, train
+from utils.parser import ArgumentParser
 
 # BraTS editions whose labels are 0-3 after preprocessing
 DATANAMES = ("BRATS2023", "BRATS2021", "BRATS2020", "BRATS2018")
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datapath", required=True, help="preprocessed data (vol/, seg/, meta/, splits/)")
     p.add_argument("--savepath", required=True, help="folder for checkpoints and logs")
     p.add_argument("--dataname", default="BRATS2023", choices=DATANAMES,
@@ -43,7 +43,7 @@ def parser():
     p.add_argument("--pretrained", help="start a fresh run from the weights of a train_poly.py checkpoint of the "
                                         "same model that fit (name and shape), e.g. M3AE's pre-training run")
     p.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and the last)")
-    p.add_argument("--num_workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--num_workers", type=non_negative_int, default=2, help="data-loading processes")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; under "
                                     "torchrun each process takes the GPU of its local rank)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (for CUDA; the Mamba scan stays float32)")
@@ -54,6 +54,7 @@ def parser():
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    p.check_writable("--savepath", args.savepath)
     for flag in ("val_every", "patch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be positive")

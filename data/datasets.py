@@ -34,10 +34,24 @@ def case_arrays(root, case, mmap=True):
         except (ValueError, OSError, EOFError) as err:
             raise CaseError(case, paths[key], f"unreadable or truncated .npy ({str(err).splitlines()[0][:200]})")
     vol, seg = arrays
+    for key, array, kinds in (("vol", vol, "fiu"), ("seg", seg, "iub")):
+        if array.dtype.kind not in kinds:
+            what = "real numbers" if key == "vol" else "integer labels"
+            raise CaseError(case, paths[key], f"values of type {array.dtype}, not {what}")
     if vol.ndim != 4 or vol.shape[-1] != len(MODALITIES) or seg.shape != vol.shape[:3]:
         raise CaseError(case, paths["vol"], f"shapes {vol.shape} (volume) and {seg.shape} (labels) do not "
                                             f"fit (X, Y, Z, {len(MODALITIES)}) and (X, Y, Z)")
     return vol, seg
+
+
+def check_case(root, case, cases):
+    """case_arrays' CaseError, naming the split file that lists the case when there is one."""
+    try:
+        case_arrays(root, case)
+    except CaseError as err:
+        if isinstance(cases, (str, os.PathLike)):
+            raise CaseError(case, err.file, f"{err.reason} (listed in {os.fspath(cases)})")
+        raise
 
 
 def draw_subset(rng, subsets, weights=None):
@@ -107,7 +121,7 @@ class TrainDataset(Dataset):
         self.seed = int(torch.initial_seed() % 2 ** 63) if seed is None else seed
         self.epoch = 0
         for name in self.cases:
-            case_arrays(root, name)  # faulty files fail here, in one line, not in a worker
+            check_case(root, name, cases)  # faulty files fail here, in one line, not in a worker
         self.origins = [crop_origin(root, name) for name in self.cases] if positions else None
         moving = [a for a in self.augmentations if a not in POSITION_SAFE]
         if positions and moving:
@@ -167,7 +181,7 @@ class EvalDataset(Dataset):
         self.entries = _cases(cases)
         self.subset = subset
         for name, _ in self.entries:
-            case_arrays(root, name)
+            check_case(root, name, cases)
 
     def __len__(self):
         return len(self.entries)

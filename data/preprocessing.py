@@ -26,6 +26,8 @@ from utils.progress import progress_bar
 from .splits import make_split, write_split
 
 VALID_LABELS = set(LABELS) | set(LEGACY_LABEL_MAP)
+# more voxels than any MR image has: a header declaring more is refused before any data is read
+MAX_VOXELS = 2 ** 30
 
 
 class CaseError(Exception):
@@ -64,14 +66,24 @@ def _name(case, path):
     return os.path.basename(path) if case else path
 
 
+def check_declared_size(case, name, shape):
+    """CaseError for an image whose header declares a zero-sized axis or more than MAX_VOXELS."""
+    if 0 in shape:
+        raise CaseError(case, name, f"an axis of length 0 (shape {tuple(shape)})")
+    if np.prod(shape, dtype=np.float64) > MAX_VOXELS:
+        raise CaseError(case, name, f"its header declares {'x'.join(map(str, shape))} voxels, more than any MR "
+                                    f"image has (limit {MAX_VOXELS:,})")
+
+
 def _read(case, path, integer=False):
     name = _name(case, path)
     if not os.path.isfile(path):
         raise CaseError(case, name, "missing file")
     try:
         img = nib.load(path)
+        check_declared_size(case, name, img.shape)
         data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+    except (OSError, EOFError, ValueError, MemoryError, zlib.error, nib.filebasedimages.ImageFileError) as err:
         raise CaseError(case, name, f"unreadable or truncated NIfTI ({type(err).__name__}: "
                                     f"{str(err).splitlines()[0] if str(err) else 'no detail'})")
     if data.ndim != 3:
@@ -232,9 +244,33 @@ def read_meta(root, case):
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
     except (ValueError, OSError) as err:
         raise CaseError(case, path, f"unreadable metadata ({str(err).splitlines()[0][:200]})")
+    problem = meta_problem(meta)
+    if problem:
+        raise CaseError(case, path, f"malformed metadata: {problem}")
+    return meta
+
+
+def _numbers(value, count, kind=(int, float)):
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(v, kind) and not isinstance(v, bool) for v in value))
+
+
+def meta_problem(meta):
+    """What is wrong with the fields of a metadata dict that are there, in words, or None."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, got {type(meta).__name__}"
+    checks = {"present": lambda v: isinstance(v, list) and len(v) == len(MODALITIES)
+              and all(isinstance(p, bool) for p in v),
+              "crop_box": lambda v: isinstance(v, list) and len(v) == 3
+              and all(_numbers(b, 2, int) and 0 <= b[0] < b[1] for b in v),
+              "original_shape": lambda v: _numbers(v, 3, int) and min(v) > 0,
+              "spacing": lambda v: _numbers(v, 3) and min(v) > 0,
+              "affine": lambda v: isinstance(v, list) and len(v) == 4 and all(_numbers(row, 4) for row in v)}
+    wrong = [key for key, ok in checks.items() if key in meta and not ok(meta[key])]
+    return f"{', '.join(wrong)} of the wrong type or size" if wrong else None
 
 
 def _run_one(args):

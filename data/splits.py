@@ -56,11 +56,17 @@ def write_split(out_dir, split):
 
 def read_split(path):
     """[(case, mask or None), ...] from a case list: a CSV with columns case,mask or one
-    case per line (blank lines and '#' comments ignored)."""
+    case per line (blank lines and '#' comments ignored). ValueError for a file that is not
+    text, names no case or names one twice."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such split file")
-    with open(path, newline="") as f:
-        text = f.read()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file of case names")
+    if "\0" in text:
+        raise ValueError(f"{path}: not a text file of case names")
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     if lines and lines[0].replace(" ", "").lower().startswith("case,"):
@@ -68,7 +74,16 @@ def read_split(path):
         if "mask" not in (reader.fieldnames or []):
             raise ValueError(f"{path}: expected the columns case,mask")
         # an unquoted mask spills its commas into extra columns: join them back
-        return [(row["case"].strip(), parse_mask(",".join([row["mask"] or ""] + row.get(None, [])),
-                                                 f"{path}, case {row['case']}"))
-                for row in reader]
-    return [(line, None) for line in lines]
+        entries = [((row["case"] or "").strip(), parse_mask(",".join([row["mask"] or ""] + row.get(None, [])),
+                                                            f"{path}, case {row['case']}"))
+                   for row in reader]
+    else:
+        entries = [(line, None) for line in lines]
+    if not entries:
+        raise ValueError(f"{path}: no case in it")
+    seen = set()
+    for case, _ in entries:
+        if case in seen:
+            raise ValueError(f"{path}: case {case} listed twice")
+        seen.add(case)
+    return entries

@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from utils.brats import MODALITY_SUFFIXES, SEG_SUFFIX
 from utils.io import save_nifti
+from utils.parser import ArgumentParser
 from utils.progress import progress_bar
 
 # ---- Sizes and geometry (mm at DEFAULT_SIZE; see _scale) -----------------------------------
@@ -221,7 +222,7 @@ def _at_least(minimum):
 
 def main(argv=None):
     """Command line (module docstring); bad arguments exit through argparse."""
-    parser = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m data.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (created if missing; cases overwritten)")
     parser.add_argument("--cases", required=True, type=_at_least(1), help="number of cases")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -229,6 +230,7 @@ def main(argv=None):
                         metavar=("X", "Y", "Z"), help="grid size in voxels (default 240 240 155)")
     parser.add_argument("--workers", type=_at_least(1), default=1, help="parallel processes (default 1)")
     args = parser.parse_args(argv)
+    parser.check_writable("--out", args.out)
     if args.seed < 0:
         parser.error("--seed must be >= 0")
     make_cohort(args.out, args.cases, args.seed, tuple(args.size), args.workers)

@@ -12,15 +12,13 @@ with weights_only=True. A checkpoint never imports code on its own say: a model 
 the project is built only when the user names its module again.
 """
 import os
-import pickle
-import zipfile
 
 import torch
 
 from models.reference import ReferenceCheckpointError, load_reference_state
 from utils.brats import SEGMENTATION_KINDS
 from utils.io import atomic_path
-from utils.pickled import load_weights, pickled_problem
+from utils.pickled import load_weights, unreadable
 
 from .models import DEFAULT_MODEL, ModelError, build_model, class_name, is_registered
 
@@ -41,14 +39,18 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         ckpt = load_weights(path)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        problem = pickled_problem(path)
-        if problem:
-            raise CheckpointError(problem)
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail[:200]})")
+    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
+        raise CheckpointError(unreadable(path, err))
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(ckpt).__name__}")
+    if is_own(ckpt) and not (isinstance(ckpt.get("state_dict"), dict) and isinstance(ckpt["config"], dict)):
+        raise CheckpointError(f"{path}: a train_poly.py checkpoint without its state_dict of weights or its config")
+    state = next((ckpt[k] for k in ("state_dict", "network_weights") if k in ckpt), ckpt)
+    if isinstance(state, dict):
+        bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{path}: NaN or infinite weights in {len(bad)} tensor{'s' * (len(bad) > 1)} "
+                                  f"(e.g. {bad[0]})")
     return ckpt
 
 

@@ -82,7 +82,7 @@ def _int_from(minimum, words):
     return parse
 
 
-_positive_int, _non_negative_int = _int_from(1, "positive"), _int_from(0, "non-negative")
+positive_int, non_negative_int = _int_from(1, "positive"), _int_from(0, "non-negative")
 
 
 def _json_dict(text):
@@ -104,6 +104,14 @@ def _recipe_value(field, value):
     return value
 
 
+def _recipe_float(field):
+    """An argparse type: a number, checked as the recipe checks `field`."""
+    def parse(text):
+        return _recipe_value(field, float(text))
+    parse.__name__ = "number"  # argparse names it in "invalid number value"
+    return parse
+
+
 def _subset_weights(text):
     if text.strip().lower() == "uniform":
         return None
@@ -122,20 +130,20 @@ def _augmentations(text):
 RECIPE_FLAGS = {  # recipe field -> (argparse keyword arguments, help)
     "optimizer": (dict(choices=tuple(OPTIMIZERS)), ""),
     "optimizer_args": (dict(type=_json_dict, metavar="JSON"), "e.g. '{\"amsgrad\": true}'"),
-    "lr": (dict(type=float), "base learning rate"),
-    "weight_decay": (dict(type=float), ""),
+    "lr": (dict(type=_recipe_float("lr")), "base learning rate"),
+    "weight_decay": (dict(type=_recipe_float("weight_decay")), ""),
     "schedule": (dict(choices=tuple(SCHEDULES)), "learning-rate schedule"),
     "schedule_args": (dict(type=_json_dict, metavar="JSON"), "e.g. '{\"power\": 0.9}', '{\"patience\": 10}'"),
-    "num_epochs": (dict(type=_positive_int), "may also change when resuming"),
-    "iter_per_epoch": (dict(type=_positive_int), "iterations per epoch (recipe None: one pass over the cases)"),
-    "batch_size": (dict(type=_positive_int), "per process"),
+    "num_epochs": (dict(type=positive_int), "may also change when resuming"),
+    "iter_per_epoch": (dict(type=positive_int), "iterations per epoch (recipe None: one pass over the cases)"),
+    "batch_size": (dict(type=positive_int), "per process"),
     "subset_weights": (dict(type=_subset_weights, metavar="W1,...,W15|uniform"),
                        "probability of each modality subset, in the paper's order, up to normalisation"),
     "augmentations": (dict(type=_augmentations, metavar="NAMES"),
                       f"comma-separated, applied in order: any of {', '.join(AUGMENTATIONS)}, or none"),
-    "foreground_oversampling": (dict(type=float, metavar="P"),
+    "foreground_oversampling": (dict(type=_recipe_float("foreground_oversampling"), metavar="P"),
                                 "probability of a crop centred on a tumour voxel"),
-    "warmup_epochs": (dict(type=_non_negative_int), "first epochs with every modality present"),
+    "warmup_epochs": (dict(type=non_negative_int), "first epochs with every modality present"),
     "grad_clip": (dict(type=_grad_clip, metavar="NORM|none"), "clip the gradient norm before each step"),
 }
 assert set(RECIPE_FLAGS) == {f.name for f in dataclasses.fields(Recipe)}

@@ -37,8 +37,11 @@ def load_run(folder):
         with open(rows_path, newline="") as f:
             rows = {(r["case"], r["subset"]): {k: float(r[k]) for k in REGIONS + HD95 if r.get(k) not in (None, "")}
                     for r in csv.DictReader(f)}
-    except (ValueError, KeyError) as err:
-        raise ComparisonError(f"{folder}: unreadable run.json or results.csv ({type(err).__name__}: {err})")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ComparisonError(f"{folder}: unreadable run.json or results.csv ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'})")
+    if not isinstance(info, dict):
+        raise ComparisonError(f"{info_path}: expected a JSON object, got {type(info).__name__}")
     if not rows:
         raise ComparisonError(f"{folder}: results.csv has no rows")
     return {"label": str(info.get("model", os.path.basename(folder))), "folder": folder, "info": info, "rows": rows}

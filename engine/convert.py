@@ -9,13 +9,13 @@ original repository's folder, given with --code or on PYTHONPATH): do it only fo
 trust. OUT.pth holds {"state_dict": the model's tensors} and the plain values the file had
 (e.g. "iter", "val_Dice_best"); nothing else is read from the original.
 """
-import argparse
 import sys
 
 import numpy as np
 import torch
 
 from utils.io import atomic_path
+from utils.parser import ArgumentParser
 
 
 class ConvertError(Exception):
@@ -71,7 +71,7 @@ def convert(source, target, code=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m engine.convert", description=__doc__.splitlines()[0])
     p.add_argument("source", help="checkpoint with pickled objects")
     p.add_argument("target", help="plain checkpoint to write")
     p.add_argument("--trust_pickled_code", action="store_true",
@@ -84,9 +84,11 @@ def main(argv=None):
     try:
         out = convert(args.source, args.target, args.code)
     except ConvertError as err:
-        sys.exit(f"error: {err}")
+        print(f"{p.prog}: {err}", file=sys.stderr)
+        return 1
     print(f"{args.target}: {len(out['state_dict'])} tensors")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

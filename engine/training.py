@@ -44,6 +44,7 @@ from .evaluation import evaluate
 from .models import DEFAULT_MODEL, ModelError, build_model, canonical_spec, class_name, constructor_defaults, model_class
 
 LAST, BEST = "model_last.pth", "best.pth"
+RESUMED = ("optim_dict", "epoch", "iteration", "sums", "step", "val_Dice_best")  # what a resumed run reads
 DEFAULT_SEED = 999
 
 
@@ -233,8 +234,14 @@ def load_pretrained(model, spec, path):
                               "configuration here)")
     if class_name(ckpt["model"]) != class_name(spec):
         raise CheckpointError(f"{path}: holds a {ckpt['model']} model; --pretrained needs one of {spec}")
+    try:  # the checkpoint's weights must be those of the model it names
+        source = build_model(spec, **ckpt["config"])
+        source.load_state_dict(ckpt["state_dict"])
+    except (ModelError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: does not fit its own model {ckpt['model']} "
+                              f"({str(err).strip().splitlines()[0][:200]})")
     own = model.state_dict()
-    taken = {k: v for k, v in ckpt["state_dict"].items() if torch.is_tensor(v) and k in own and v.shape == own[k].shape}
+    taken = {k: v for k, v in source.state_dict().items() if k in own and v.shape == own[k].shape}
     lacking = [k for k in getattr(model, "pretrained_keys", ()) if k not in taken]
     if not taken or lacking:
         raise CheckpointError(f"{path}: " + (f"has no {', '.join(lacking)} of the model's shape" if lacking else
@@ -270,6 +277,10 @@ def _start(cfg, device, log):
                             f"{', '.join(model.pretrained_keys)}: give --pretrained CKPT")
     optimizer = make_optimizer(recipe, optimizer_parameters(model, recipe))
     if ckpt is not None:
+        lacking = [k for k in RESUMED if k not in ckpt]
+        if lacking:
+            raise CheckpointError(f"{cfg.resume}: not a complete train_poly.py checkpoint (no {', '.join(lacking)}); "
+                                  "it can be evaluated with test.py but not resumed")
         try:
             model.load_state_dict(ckpt["state_dict"])
             optimizer.load_state_dict(ckpt["optim_dict"])
@@ -330,6 +341,8 @@ def _train(cfg, run, log):
     if val_set is None and recipe.schedule == "plateau":
         raise TrainingError("the plateau schedule follows the validation score: give validation "
                             "cases (--val_file) and a model that segments, or another --schedule")
+    if not len(train_set):
+        raise TrainingError("no training cases")
     iters = recipe.iter_per_epoch or -(-len(train_set) // (recipe.batch_size * run.world))
     schedule = LRSchedule(optimizer, recipe, iters)
     schedule.load_state_dict(schedule_state)

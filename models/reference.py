@@ -19,7 +19,7 @@ import os
 import torch
 
 from utils.io import atomic_path
-from utils.pickled import load_weights, pickled_problem
+from utils.pickled import load_weights, unreadable
 
 PREFIX = "module."
 
@@ -95,12 +95,8 @@ def _read(checkpoint):
             raise ReferenceCheckpointError(f"{source}: no such checkpoint file")
         try:
             checkpoint = load_weights(source)
-        except Exception as err:
-            problem = pickled_problem(source)
-            if problem:
-                raise ReferenceCheckpointError(problem)
-            raise ReferenceCheckpointError(f"{source}: cannot be read as a PyTorch checkpoint "
-                                           f"({type(err).__name__}: {str(err).splitlines()[0]})")
+        except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
+            raise ReferenceCheckpointError(unreadable(source, err))
     if not isinstance(checkpoint, dict):
         raise ReferenceCheckpointError(f"{source}: expected a dict with 'state_dict', "
                                        f"got {type(checkpoint).__name__}")

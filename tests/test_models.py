@@ -215,7 +215,7 @@ def test_from_reference_refuses_other_models_and_bad_files(tmp_path):
         from_reference(str(tmp_path / "missing.pth"), "imfuse", patch_size=P)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ReferenceCheckpointError, match="junk.pth: cannot be read"):
+    with pytest.raises(ReferenceCheckpointError, match="junk.pth: not a checkpoint this project can read safely"):
         from_reference(str(junk), "imfuse", patch_size=P)
     with pytest.raises(ReferenceCheckpointError, match="not a dict of tensors"):
         from_reference({"state_dict": {"a": 1}}, "imfuse", patch_size=P)

@@ -49,3 +49,18 @@ def save_nifti(path, data, affine):
     """data with the given 4x4 affine -> NIfTI (.nii or .nii.gz) at path."""
     with atomic_path(path) as tmp:
         nib.save(nifti_image(data, affine), tmp)
+
+
+def write_problem(path):
+    """Why nothing can be written at `path` (a file or folder to create), in words, or None:
+    its nearest existing ancestor is a file, or a folder this process may not write to."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.exists(path) and os.path.isdir(path):
+        parent = path
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"the folder {parent} is not writable"
+    return None

@@ -30,6 +30,18 @@ def pickled_objects(path):
         return []
 
 
+def unreadable(path, err):
+    """One line for a file torch cannot load with weights_only: the pickled objects it holds
+    (pickled_problem) or that it is no checkpoint this project can read, with torch's reason
+    unless that reason is advice to unpickle."""
+    problem = pickled_problem(path)
+    if problem:
+        return problem
+    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    reason = "" if "weights_only" in str(err) or "unpickl" in detail.lower() else f" ({detail})"
+    return f"{path}: not a checkpoint this project can read safely{reason}"
+
+
 def pickled_problem(path):
     """One line for a file of pickled objects (what they are and how to convert it), or None."""
     names = pickled_objects(path)
