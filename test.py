@@ -63,12 +63,14 @@ def case_writer(savepath, nifti):
                     sample["label"].numpy(), labels, titles)
         if not nifti:
             return
-        if meta is None and not warned:
+        placed = meta is not None and "crop_box" in meta
+        if not placed and not warned:
             warned.append(name)
-            warnings.warn(f"{name}: no preprocessing metadata (meta/{name}.json); label maps are "
-                          "written in the cropped space with an identity affine")
+            warnings.warn(f"{name}: no crop box in the preprocessing metadata (meta/{name}.json); label maps "
+                          "are written in the cropped space with an identity affine")
         for title, label in zip(titles, labels):
-            full, affine = (uncrop(label, meta["original_shape"], meta["crop_box"]), meta["affine"]) if meta else (label, np.eye(4))
+            full, affine = ((uncrop(label, meta["original_shape"], meta["crop_box"]), meta["affine"]) if placed
+                            else (label, np.eye(4)))
             save_nifti(os.path.join(savepath, "predictions", title, f"{name}.nii.gz"), full, affine)
 
     return write

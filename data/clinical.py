@@ -10,13 +10,12 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
 from utils.brats import MODALITIES, MODALITY_NAMES
 
-from .preprocessing import CaseError, check_declared_size, crop_and_normalize
+from .preprocessing import CaseError, crop_and_normalize, read_nifti
 
 DEFAULT_REFERENCE = "t1c"  # the reference sequence when present; else the one with the smallest voxels
 GRID_SPACING = 1.0  # mm: the models are trained on 1 mm isotropic BraTS data
@@ -62,11 +61,9 @@ def read_sequence(index, path):
     elif not os.path.isfile(path):
         raise CaseError(None, path, "missing file")
     else:
-        shape = _declared_shape(path)
-        if shape is not None and len(shape) != 3:  # SimpleITK would drop trailing axes of length 1
-            raise CaseError(None, path, f"expected a 3-D image, got shape {shape}")
-        if shape is not None:
-            check_declared_size(None, path, shape)
+        # nibabel's checks first: SimpleITK drops trailing axes of length 1 and reads a
+        # truncated file as zeros
+        read_nifti(None, path)
         try:
             image, kind = sitk.ReadImage(path), "nifti"
         except RuntimeError as err:
@@ -81,14 +78,6 @@ def read_sequence(index, path):
     if values.min() == values.max():
         raise CaseError(None, path, f"no image content (every voxel is {values.flat[0]:g})")
     return Sequence(index, path, kind, image)
-
-
-def _declared_shape(path):
-    """The shape a NIfTI header declares, or None for a file nibabel does not read."""
-    try:
-        return tuple(int(n) for n in nib.load(path).shape)
-    except Exception:
-        return None
 
 
 def _message(err):

@@ -45,12 +45,14 @@ def case_arrays(root, case, mmap=True):
 
 
 def check_case(root, case, cases):
-    """case_arrays' CaseError, naming the split file that lists the case when there is one."""
+    """Read a case's arrays and metadata: their CaseError, naming the split file that lists
+    the case when there is one."""
     try:
         case_arrays(root, case)
+        read_meta(root, case)
     except CaseError as err:
-        if isinstance(cases, (str, os.PathLike)):
-            raise CaseError(case, err.file, f"{err.reason} (listed in {os.fspath(cases)})")
+        if _split_path(cases):
+            raise CaseError(case, err.file, f"{err.reason} (listed in {_split_path(cases)})")
         raise
 
 
@@ -86,9 +88,14 @@ def crop_origin(root, case, required=True):
     return [lo for lo, _ in meta["crop_box"]]
 
 
+def _split_path(cases):
+    """The split file `cases` names, or None for a list of cases."""
+    return os.fspath(cases) if isinstance(cases, (str, os.PathLike)) else None
+
+
 def _cases(cases):
     """A split file path or a list of names / (name, mask) pairs -> [(name, mask or None)]."""
-    if isinstance(cases, (str, os.PathLike)):
+    if _split_path(cases):
         return read_split(cases)
     return [c if isinstance(c, tuple) else (c, None) for c in cases]
 

@@ -28,6 +28,8 @@ from .splits import make_split, write_split
 VALID_LABELS = set(LABELS) | set(LEGACY_LABEL_MAP)
 # more voxels than any MR image has: a header declaring more is refused before any data is read
 MAX_VOXELS = 2 ** 30
+# metadata fields every reader may rely on (crop_box is optional: models that need it say so)
+REQUIRED_META = ("present", "original_shape", "spacing", "affine")
 
 
 class CaseError(Exception):
@@ -75,7 +77,9 @@ def check_declared_size(case, name, shape):
                                     f"image has (limit {MAX_VOXELS:,})")
 
 
-def _read(case, path, integer=False):
+def read_nifti(case, path, integer=False):
+    """(nibabel image, data) of a NIfTI file, checked: readable, 3-D, not too large, finite
+    (float32 unless integer); CaseError naming it otherwise."""
     name = _name(case, path)
     if not os.path.isfile(path):
         raise CaseError(case, name, "missing file")
@@ -104,7 +108,7 @@ def read_modalities(case, paths):
     for k, path in enumerate(paths):
         if path is None:
             continue
-        img, data = _read(case, path)
+        img, data = read_nifti(case, path)
         if ref is None:
             ref = (_name(case, path), img)
         elif data.shape != ref[1].shape:
@@ -125,7 +129,7 @@ def load_case(case_dir):
     case = os.path.basename(os.path.normpath(case_dir))
     files = case_files(case_dir)
     image, ref = read_modalities(case, [files[s] for s in MODALITY_SUFFIXES])
-    seg_img, seg = _read(case, files[SEG_SUFFIX], integer=True)
+    seg_img, seg = read_nifti(case, files[SEG_SUFFIX], integer=True)
     seg_name = os.path.basename(files[SEG_SUFFIX])
     if seg.shape != ref.shape:
         raise CaseError(case, seg_name, f"shape {seg.shape} differs from the images' {ref.shape}")
@@ -143,6 +147,8 @@ def load_case(case_dir):
     if not image.any():
         raise CaseError(case, os.path.basename(files[MODALITY_SUFFIXES[0]]), "empty image: every modality is zero")
     spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
+    if not min(spacing) > 0:
+        raise CaseError(case, os.path.basename(files[MODALITY_SUFFIXES[0]]), f"voxel sizes {spacing} in its header")
     return Case(case, image, label, ref.affine, spacing)
 
 
@@ -269,6 +275,9 @@ def meta_problem(meta):
               "original_shape": lambda v: _numbers(v, 3, int) and min(v) > 0,
               "spacing": lambda v: _numbers(v, 3) and min(v) > 0,
               "affine": lambda v: isinstance(v, list) and len(v) == 4 and all(_numbers(row, 4) for row in v)}
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        return f"no {', '.join(missing)}"
     wrong = [key for key, ok in checks.items() if key in meta and not ok(meta[key])]
     return f"{', '.join(wrong)} of the wrong type or size" if wrong else None
 

@@ -23,6 +23,11 @@ from utils.pickled import load_weights, unreadable
 from .models import DEFAULT_MODEL, ModelError, build_model, class_name, is_registered
 
 
+# the fields of a train_poly.py checkpoint that loading reads: name -> type (REQUIRED ones must be there)
+OWN_FIELDS = {"model": str, "config": dict, "state_dict": dict, "recipe": dict, "epoch": int}
+REQUIRED = ("model", "config", "state_dict")
+
+
 class CheckpointError(Exception):
     """A checkpoint that cannot be read or does not fit; the message is one line."""
 
@@ -43,8 +48,11 @@ def load_checkpoint(path):
         raise CheckpointError(unreadable(path, err))
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(ckpt).__name__}")
-    if is_own(ckpt) and not (isinstance(ckpt.get("state_dict"), dict) and isinstance(ckpt["config"], dict)):
-        raise CheckpointError(f"{path}: a train_poly.py checkpoint without its state_dict of weights or its config")
+    if is_own(ckpt):
+        wrong = [k for k, kind in OWN_FIELDS.items() if (k in ckpt or k in REQUIRED) and not isinstance(ckpt.get(k), kind)]
+        if wrong:
+            raise CheckpointError(f"{path}: a train_poly.py checkpoint with {', '.join(wrong)} missing or of the "
+                                  "wrong type")
     state = next((ckpt[k] for k in ("state_dict", "network_weights") if k in ckpt), ckpt)
     if isinstance(state, dict):
         bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]

@@ -19,6 +19,7 @@ from utils.brats import SUBSET_NAMES
 REGIONS = ("WT", "TC", "ET", "ETpp")
 TESTED = ("WT", "TC", "ET")  # the regions of the paired tests
 HD95 = ("HD95_WT", "HD95_TC", "HD95_ET")
+INFO_FIELDS = {"model": str, "parameters": int, "parameters_in_use": int, "seconds_per_case": (int, float)}  # of run.json
 
 
 class ComparisonError(Exception):
@@ -42,6 +43,14 @@ def load_run(folder):
                               f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'})")
     if not isinstance(info, dict):
         raise ComparisonError(f"{info_path}: expected a JSON object, got {type(info).__name__}")
+    wrong = [k for k, kinds in INFO_FIELDS.items() if info.get(k) is not None
+             and (not isinstance(info[k], kinds) or isinstance(info[k], bool))]
+    if wrong:
+        raise ComparisonError(f"{info_path}: {', '.join(wrong)} of the wrong type")
+    bad = next(((key, k) for key, row in rows.items() for k in REGIONS if k in row and not 0 <= row[k] <= 1), None)
+    if bad:
+        raise ComparisonError(f"{rows_path}: {bad[1]} Dice of {bad[0][0]} ({bad[0][1]}) is "
+                              f"{rows[bad[0]][bad[1]]}, not in [0, 1]")
     if not rows:
         raise ComparisonError(f"{folder}: results.csv has no rows")
     return {"label": str(info.get("model", os.path.basename(folder))), "folder": folder, "info": info, "rows": rows}

@@ -78,12 +78,13 @@ def main(argv=None):
                    help="required: unpickling runs code named in the file")
     p.add_argument("--code", help="folder of the original code (put on the import path)")
     args = p.parse_args(argv)
+    p.check_writable("target", args.target)
     if not args.trust_pickled_code:
         p.error(f"{args.source}: unpickling runs code named in the file; give --trust_pickled_code "
                 "if you trust it")
     try:
         out = convert(args.source, args.target, args.code)
-    except ConvertError as err:
+    except (ConvertError, OSError) as err:
         print(f"{p.prog}: {err}", file=sys.stderr)
         return 1
     print(f"{args.target}: {len(out['state_dict'])} tensors")

@@ -44,7 +44,9 @@ from .evaluation import evaluate
 from .models import DEFAULT_MODEL, ModelError, build_model, canonical_spec, class_name, constructor_defaults, model_class
 
 LAST, BEST = "model_last.pth", "best.pth"
-RESUMED = ("optim_dict", "epoch", "iteration", "sums", "step", "val_Dice_best")  # what a resumed run reads
+# what a resumed run reads besides the model: key -> type
+RESUMED = {"optim_dict": dict, "seed": int, "epoch": int, "iteration": int, "sums": dict, "step": int,
+           "val_Dice_best": (int, float)}
 DEFAULT_SEED = 999
 
 
@@ -193,6 +195,10 @@ def _identity(cfg, ckpt):
         raise CheckpointError(f"{path}: not a train_poly.py checkpoint (no model name and "
                               "configuration); original checkpoints can be evaluated with test.py "
                               "but not resumed")
+    lacking = [k for k, kind in RESUMED.items() if not isinstance(ckpt.get(k), kind)]
+    if lacking:
+        raise CheckpointError(f"{path}: not a complete train_poly.py checkpoint ({', '.join(lacking)} missing or "
+                              "of the wrong type); it can be evaluated with test.py but not resumed")
     spec = canonical_spec(checkpoint_model(path, ckpt, cfg.model))
     effective = {**constructor_defaults(model_class(spec)), **ckpt["config"]}
     for key, value in cfg.model_config.items():
@@ -277,10 +283,6 @@ def _start(cfg, device, log):
                             f"{', '.join(model.pretrained_keys)}: give --pretrained CKPT")
     optimizer = make_optimizer(recipe, optimizer_parameters(model, recipe))
     if ckpt is not None:
-        lacking = [k for k in RESUMED if k not in ckpt]
-        if lacking:
-            raise CheckpointError(f"{cfg.resume}: not a complete train_poly.py checkpoint (no {', '.join(lacking)}); "
-                                  "it can be evaluated with test.py but not resumed")
         try:
             model.load_state_dict(ckpt["state_dict"])
             optimizer.load_state_dict(ckpt["optim_dict"])
@@ -335,14 +337,13 @@ def _train(cfg, run, log):
     segments = model.output_kind in SEGMENTATION_KINDS
     if not segments:
         log(f"no validation: the model's output is {model.output_kind!r}, not a segmentation")
-    val_set = EvalDataset(cfg.datapath, val_file) if val_file and segments else None
-    if val_set is not None and not len(val_set):
-        raise TrainingError(f"{val_file}: no validation cases (--val_file '' trains without validation)")
+    try:
+        val_set = EvalDataset(cfg.datapath, val_file) if val_file and segments else None
+    except ValueError as err:  # e.g. an empty split of a small cohort
+        raise TrainingError(f"{err} (--val_file '' trains without validation)")
     if val_set is None and recipe.schedule == "plateau":
         raise TrainingError("the plateau schedule follows the validation score: give validation "
                             "cases (--val_file) and a model that segments, or another --schedule")
-    if not len(train_set):
-        raise TrainingError("no training cases")
     iters = recipe.iter_per_epoch or -(-len(train_set) // (recipe.batch_size * run.world))
     schedule = LRSchedule(optimizer, recipe, iters)
     schedule.load_state_dict(schedule_state)

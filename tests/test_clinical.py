@@ -172,6 +172,9 @@ def test_brats_like_inputs_keep_their_grid_and_get_a_report(clinical, tmp_path, 
     assert "working grid" not in err and "warning" not in err  # the training pipeline, skull-stripped
     assert sorted(os.listdir(out.parent)) == ["seg.json", "seg.nii.gz", "seg.png"]
     assert json.loads((out.parent / "seg.json").read_text())["reference"] == "FLAIR"
+    first = out.read_bytes()
+    assert predict("--resume", clinical["ckpt"], *flags(clinical["case"][:4]), "--output", out) == 0  # replaced
+    assert out.read_bytes() == first and sorted(os.listdir(out.parent)) == ["seg.json", "seg.nii.gz", "seg.png"]
 
 
 def test_an_image_that_is_not_skull_stripped_gets_a_warning(clinical, tmp_path, capsys):

@@ -98,7 +98,9 @@ def checkpoint_faults(good, other, rng):
                        ("NaN weights", {**state, "state_dict": {k: v.clone().float().fill_(float("nan")) if i == 3 else v
                                                                 for i, (k, v) in enumerate(state["state_dict"].items())}}),
                        ("a weight missing", {**state, "state_dict": dict(list(state["state_dict"].items())[1:])}),
-                       ("no state_dict", {k: v for k, v in state.items() if k != "state_dict"})):
+                       ("no state_dict", {k: v for k, v in state.items() if k != "state_dict"}),
+                       ("model name not a string", {**state, "model": 5}),
+                       ("epoch not a number", {**state, "epoch": "3"})):
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         buffers[fault] = buffer.getvalue()
@@ -109,7 +111,10 @@ def checkpoint_faults(good, other, rng):
 
 CHECKPOINT_PROBLEMS = {"empty": "", "text": "", "random bytes": "", "truncated zip": "", "zip of other content": "",
                        "non-dict": "expected a dict", "another model's weights": "does not fit",
-                       "NaN weights": "NaN", "a weight missing": "does not fit", "no state_dict": "state_dict"}
+                       "NaN weights": "NaN", "a weight missing": "does not fit", "no state_dict": "state_dict",
+                       "model name not a string": "model", "epoch not a number": "epoch"}
+for fault in ("empty", "text", "random bytes", "truncated zip", "zip of other content"):
+    CHECKPOINT_PROBLEMS[fault] = "not a checkpoint this project can read safely"
 
 
 def checkpoint_users(world, path, out):
@@ -131,9 +136,13 @@ def check_checkpoints(world, tmp_path, capfd, seed):
         path.write_bytes(data)
         out = tmp_path / "out"
         for name, argv in checkpoint_users(world, str(path), str(out)):
-            line = refused(name, argv, capfd, f"checkpoint: {fault}", [str(path), CHECKPOINT_PROBLEMS[fault]], [out])
-            if fault in ("random bytes", "text", "empty", "zip of other content", "truncated zip"):
-                assert "not a checkpoint this project can read safely" in line, line
+            refused(name, argv, capfd, f"checkpoint: {fault}", [str(path), CHECKPOINT_PROBLEMS[fault]], [out])
+    state = torch.load(world["ckpt"], weights_only=True)
+    for key in ("seed", "optim_dict", "iteration"):  # what only a resumed run reads
+        path = tmp_path / f"no_{key}.pth"
+        torch.save({k: v for k, v in state.items() if k != key}, path)
+        name, argv = checkpoint_users(world, str(path), str(tmp_path / "out"))[2]
+        refused(name, argv, capfd, f"checkpoint: no {key}", [str(path), key, "not a complete"], [tmp_path / "out"])
 
 
 def seeds(sweep):
@@ -159,7 +168,7 @@ def nifti_faults(good, rng):
     raw = bytearray(gzip.decompress(open(good, "rb").read()))
     wrong_magic = bytes(raw[:344]) + b"xyz\0" + bytes(raw[348:])
     huge = bytearray(raw)
-    huge[42:48] = np.array([4000, 4000, 4000], "<i2").tobytes()  # dim[1..3]: 64e9 voxels declared
+    huge[42:48] = np.array([4000, 4000, 4000], "<i2").tobytes()  # dim[1..3]: 64e9 voxels declared, the data kept
     floats = data.astype(np.float32)
     nan, inf = floats.copy(), floats.copy()
     nan[tuple(s // 2 for s in data.shape)] = np.nan
@@ -169,7 +178,12 @@ def nifti_faults(good, rng):
             "wrong magic": gzip.compress(wrong_magic), "2-D": gz(nib.Nifti1Image(data[:, :, 0], affine)),
             "5-D": gz(nib.Nifti1Image(data[..., None, None], affine)), "NaN": gz(nib.Nifti1Image(nan, affine)),
             "inf": gz(nib.Nifti1Image(inf, affine)), "zero-sized axis": gz(nib.Nifti1Image(data[:, :, :0], affine)),
-            "huge declared shape": gzip.compress(bytes(huge[:len(huge) // 4]))}
+            "huge declared shape": gzip.compress(bytes(huge))}
+
+
+NIFTI_PROBLEMS = {"empty": "unreadable", "truncated gzip": "unreadable", "wrong magic": "unreadable", "2-D": "3-D",
+                  "5-D": "3-D", "NaN": "NaN", "inf": "infinite", "zero-sized axis": "length 0",
+                  "huge declared shape": "declares"}
 
 
 def check_nifti(world, tmp_path, capfd, seed):
@@ -192,16 +206,20 @@ def check_nifti(world, tmp_path, capfd, seed):
         code, lines = run("preprocess", ["--input-path", raw, "--output-path", out, "--min-size", P], capfd)
         failures = [line for line in lines if bad.name in line]
         assert code == 1 and len(failures) == 1 and t1c.name in failures[0], (fault, lines)
+        assert NIFTI_PROBLEMS[fault] in failures[0], (fault, failures)
         assert "Traceback" not in "".join(lines)
         written = sorted(os.listdir(out / "vol"))
         assert written == [f"{good.name}_vol.npy"], (fault, written)  # the good case, not the faulty one
         # predict.py, the file given alone and beside a good FLAIR
         single = tmp_path / f"t1c_{tag}.nii.gz"
         single.write_bytes(data)
-        for argv in (["--t1c", single], ["--flair", files[0], "--t1c", single]):
+        # alone, beside a good FLAIR (BraTS-like), and with --register (the clinical path, SimpleITK)
+        for argv in (["--t1c", single], ["--flair", files[0], "--t1c", single],
+                     ["--flair", files[0], "--t1c", single, "--register"]):
             target = tmp_path / f"pred_{tag}"
             refused("predict", ["--resume", world["ckpt"], *argv, "--output", target / "seg.nii.gz", "--no_progress"],
-                    capfd, f"NIfTI: {fault}", [str(single)], [target])
+                    capfd, f"NIfTI: {fault} ({len(argv) // 2} files{', registered' if len(argv) > 4 else ''})",
+                    [str(single), NIFTI_PROBLEMS[fault]], [target])
 
 
 @pytest.mark.parametrize("seed", seeds(11))
@@ -243,7 +261,9 @@ def test_npy_arrays(world, tmp_path, capfd):
                 np.save(path, vol[..., 0])
             else:
                 np.save(path, np.array([{"payload": "unpickled"}] * 3, dtype=object), allow_pickle=True)
-            refused(name, argv, capfd, f"npy: {fault}", [str(path)], [tmp_path / fault.replace(" ", "_")])
+            problem = {"truncated": "truncated", "wrong dtype": "complex64", "wrong shape": "shapes",
+                       "object array": "unreadable"}[fault]
+            refused(name, argv, capfd, f"npy: {fault}", [str(path), problem], [tmp_path / fault.replace(" ", "_")])
             np.save(path, vol)
 
 
@@ -253,8 +273,8 @@ def split_faults(world):
             "bad mask": f"case,mask\n{case},maybe\n", "duplicate case": f"case,mask\n{case},1111\n{case},1000\n"}
 
 
-SPLIT_PROBLEMS = {"empty": "no", "binary": "", "unknown case": "BraTS-GLI-99999-000", "bad mask": "maybe",
-                  "duplicate case": "twice"}
+SPLIT_PROBLEMS = {"empty": "no case in it", "binary": "not a text file", "unknown case": "BraTS-GLI-99999-000",
+                  "bad mask": "maybe", "duplicate case": "twice"}
 
 
 def test_split_files(world, tmp_path, capfd):
@@ -270,16 +290,19 @@ def test_split_files(world, tmp_path, capfd):
 
 
 def test_metadata(world, tmp_path, capfd):
-    for fault, text in (("truncated", None), ("wrong types", {"present": "yes", "crop_box": 3, "spacing": "a"}),
-                        ("not an object", [1, 2])):
+    for fault, change in (("truncated", lambda text: text[:len(text) // 2]),
+                          ("wrong types", lambda text: json.dumps({**json.loads(text), "present": "yes", "crop_box": 3})),
+                          ("a key missing", lambda text: json.dumps({k: v for k, v in json.loads(text).items()
+                                                                     if k != "spacing"})),
+                          ("not an object", lambda text: "[1, 2]")):
         tag = fault.replace(" ", "_")
         npy = dataset_copy(world, tmp_path, tag)
         for name, argv in data_users(world, npy, tmp_path / tag):
-            case = world["train"][0] if name == "train_poly" else world["test"][0]
+            case = world["train"][-1] if name == "train_poly" else world["test"][-1]  # the last: nothing before
             path = npy / "meta" / f"{case}.json"
             good = path.read_text()
-            path.write_text(good[:len(good) // 2] if text is None else json.dumps(text))
-            refused(name, argv, capfd, f"metadata: {fault}", [str(path)], [tmp_path / tag])
+            path.write_text(change(good))
+            refused(name, argv, capfd, f"metadata: {fault}", [str(path), "metadata"], [tmp_path / tag])
             path.write_text(good)
 
 
@@ -290,7 +313,9 @@ def test_compare_inputs(tmp_path, capfd):
     faults = {"truncated run.json": ('{"model": "imf', good), "run.json not an object": ("[1, 2]", good),
               "binary results.csv": ('{"model": "x"}', bytes(range(256))),
               "results.csv without columns": ('{"model": "x"}', "a,b\n1,2\n"),
-              "non-numeric Dice": ('{"model": "x"}', good.replace("0.5", "high"))}
+              "non-numeric Dice": ('{"model": "x"}', good.replace("0.5", "high")),
+              "NaN Dice": ('{"model": "x"}', good.replace("0.5", "nan")),
+              "parameters not a number": ('{"model": "x", "parameters": "many"}', good)}
     for fault, (info, rows) in faults.items():
         run = tmp_path / fault.replace(" ", "_")
         run.mkdir()

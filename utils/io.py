@@ -52,13 +52,14 @@ def save_nifti(path, data, affine):
 
 
 def write_problem(path):
-    """Why nothing can be written at `path` (a file or folder to create), in words, or None:
-    its nearest existing ancestor is a file, or a folder this process may not write to."""
+    """Why nothing can be written at `path` (a file to write or replace, or a folder to write
+    in), in words, or None: the folder it goes in, or its nearest existing ancestor, is a file
+    or a folder this process may not write to."""
     parent = os.path.abspath(path)
-    while not os.path.exists(parent):
+    if os.path.isfile(parent):  # replaced in its folder
         parent = os.path.dirname(parent)
-    if os.path.exists(path) and os.path.isdir(path):
-        parent = path
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"{parent} is a file, not a folder"
     if not os.access(parent, os.W_OK | os.X_OK):
