@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.brats import MODALITIES, SUBSETS
+from utils.errors import first_line
 
 from .augment import AUGMENTATIONS, DEFAULT, POSITION_SAFE, random_crop, random_flip
 from .preprocessing import CaseError, output_paths, read_meta
@@ -32,7 +33,7 @@ def case_arrays(root, case, mmap=True):
         try:
             arrays.append(np.load(paths[key], mmap_mode="r" if mmap else None))
         except (ValueError, OSError, EOFError) as err:
-            raise CaseError(case, paths[key], f"unreadable or truncated .npy ({str(err).splitlines()[0][:200]})")
+            raise CaseError(case, paths[key], f"unreadable or truncated .npy ({first_line(err)})")
     vol, seg = arrays
     for key, array, kinds in (("vol", vol, "fiu"), ("seg", seg, "iub")):
         if array.dtype.kind not in kinds:

@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from utils.brats import LABELS, LEGACY_LABEL_MAP, MODALITIES, MODALITY_SUFFIXES, SEG_SUFFIX
+from utils.errors import first_line
 from utils.io import atomic_path
 from utils.progress import progress_bar
 
@@ -89,7 +90,7 @@ def read_nifti(case, path, integer=False):
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, MemoryError, zlib.error, nib.filebasedimages.ImageFileError) as err:
         raise CaseError(case, name, f"unreadable or truncated NIfTI ({type(err).__name__}: "
-                                    f"{str(err).splitlines()[0] if str(err) else 'no detail'})")
+                                    f"{first_line(err)})")
     if data.ndim != 3:
         raise CaseError(case, name, f"expected a 3-D image, got shape {data.shape}")
     if not integer:
@@ -252,7 +253,7 @@ def read_meta(root, case):
         with open(path) as f:
             meta = json.load(f)
     except (ValueError, OSError) as err:
-        raise CaseError(case, path, f"unreadable metadata ({str(err).splitlines()[0][:200]})")
+        raise CaseError(case, path, f"unreadable metadata ({first_line(err)})")
     problem = meta_problem(meta)
     if problem:
         raise CaseError(case, path, f"malformed metadata: {problem}")

@@ -17,6 +17,7 @@ import torch
 
 from models.reference import ReferenceCheckpointError, load_reference_state
 from utils.brats import SEGMENTATION_KINDS
+from utils.errors import first_line
 from utils.io import atomic_path
 from utils.pickled import load_weights, unreadable
 
@@ -108,7 +109,7 @@ def load_model(path, model=None, config=None):
         raise CheckpointError(f"{path}: {err}")
     except RuntimeError as err:  # load_state_dict: the weights do not fit the configuration
         raise CheckpointError(f"{path}: does not fit model {spec!r} "
-                              f"({str(err).strip().splitlines()[0][:200]})")
+                              f"({first_line(err)})")
     if net.output_kind not in SEGMENTATION_KINDS:
         raise CheckpointError(f"{path}: its {spec} model outputs {net.output_kind!r}, not a segmentation (a "
                               f"pre-training stage); train a segmentation stage from it with train_poly.py "

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import stats
 
 from utils.brats import SUBSET_NAMES
+from utils.errors import first_line
 
 REGIONS = ("WT", "TC", "ET", "ETpp")
 TESTED = ("WT", "TC", "ET")  # the regions of the paired tests
@@ -40,7 +41,7 @@ def load_run(folder):
                     for r in csv.DictReader(f)}
     except (ValueError, KeyError, TypeError) as err:
         raise ComparisonError(f"{folder}: unreadable run.json or results.csv ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'})")
+                              f"{first_line(err)})")
     if not isinstance(info, dict):
         raise ComparisonError(f"{info_path}: expected a JSON object, got {type(info).__name__}")
     wrong = [k for k, kinds in INFO_FIELDS.items() if info.get(k) is not None

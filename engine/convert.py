@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import torch
 
+from utils.errors import first_line
 from utils.io import atomic_path
 from utils.parser import ArgumentParser
 
@@ -60,7 +61,7 @@ def convert(source, target, code=None):
         raise ConvertError(f"{source}: needs the module {err.name!r} of the code that wrote it; "
                            "give its folder with --code")
     except Exception as err:
-        raise ConvertError(f"{source}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+        raise ConvertError(f"{source}: cannot be read ({type(err).__name__}: {first_line(err)})")
     try:
         out = extract(checkpoint)
     except ConvertError as err:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import competitors  # noqa: F401  (registers the competitors)
 import models
 from models.base import contract_problem
+from utils.errors import first_line
 
 
 DEFAULT_MODEL = "imfuse"  # what --model means when not given
@@ -68,7 +69,7 @@ def _import(module_text, spec):
 
 def _import_failed(spec, module_text, err):
     """The one-line error for a module that raised while being imported."""
-    detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    detail = first_line(err, 300)
     return ModelError(f"--model {spec}: importing {module_text} failed ({type(err).__name__}: {detail})")
 
 
@@ -112,7 +113,7 @@ def build_model(spec, **config):
     try:
         model = cls(**config)
     except (TypeError, ValueError) as err:
-        raise ModelError(f"model {spec}: {str(err).strip().splitlines()[0]}")
+        raise ModelError(f"model {spec}: {first_line(err, 300)}")
     problem = contract_problem(model)
     if problem:
         raise ModelError(f"model {spec} does not follow the model contract: {problem} "

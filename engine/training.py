@@ -35,6 +35,7 @@ from torch.utils.tensorboard import SummaryWriter
 from data.datasets import EvalDataset, TrainDataset
 from data.sampling import EpochSampler
 from utils.brats import SEGMENTATION_KINDS
+from utils.errors import first_line
 from utils.progress import progress_bar
 from utils.recipe import Recipe
 from utils.schedule import LRSchedule, make_optimizer
@@ -244,8 +245,7 @@ def load_pretrained(model, spec, path):
         source = build_model(spec, **ckpt["config"])
         source.load_state_dict(ckpt["state_dict"])
     except (ModelError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: does not fit its own model {ckpt['model']} "
-                              f"({str(err).strip().splitlines()[0][:200]})")
+        raise CheckpointError(f"{path}: does not fit its own model {ckpt['model']} ({first_line(err)})")
     own = model.state_dict()
     taken = {k: v for k, v in source.state_dict().items() if k in own and v.shape == own[k].shape}
     lacking = [k for k in getattr(model, "pretrained_keys", ()) if k not in taken]
@@ -288,7 +288,7 @@ def _start(cfg, device, log):
             optimizer.load_state_dict(ckpt["optim_dict"])
         except (RuntimeError, ValueError) as err:  # e.g. the class changed since the checkpoint
             raise CheckpointError(f"{cfg.resume}: does not fit model {spec} "
-                                  f"({str(err).strip().splitlines()[0][:200]})")
+                                  f"({first_line(err)})")
         for group in optimizer.param_groups:  # checkpoints written before recipes lack it
             group.setdefault("initial_lr", recipe.lr)
         for key in ("epoch", "iteration", "sums", "step", "val_Dice_best"):

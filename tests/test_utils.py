@@ -267,3 +267,10 @@ def test_anisotropic_window_starts_by_hand():
     sliding_window(volume, (8, 10, 4), record, batch_size=5)
     # x: stride 4, last flush at 12; y: one window; z: stride 2, last flush at 5
     assert sorted(starts) == sorted(10000 * a + c for a in (0, 4, 8, 12) for c in (0, 2, 4, 5))
+
+
+def test_first_line_of_an_error_message():
+    from utils.errors import first_line
+    assert first_line(ValueError("\n  bad header\nmore detail")) == "bad header"
+    assert first_line(KeyError()) == "KeyError"  # an empty message: the type, not an IndexError
+    assert first_line(OSError("x" * 500), limit=10) == "x" * 10

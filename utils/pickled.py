@@ -7,6 +7,8 @@ import pickle
 import numpy as np
 import torch
 
+from .errors import first_line
+
 CONVERT = "python -m engine.convert {path} OUT.pth --trust_pickled_code"
 # numpy scalars (a Dice or a loss kept as np.float64, as nnU-Net's log keeps them) are plain
 # numbers: reading them runs no code of the file
@@ -37,7 +39,7 @@ def unreadable(path, err):
     problem = pickled_problem(path)
     if problem:
         return problem
-    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    detail = first_line(err)
     reason = "" if "weights_only" in str(err) or "unpickl" in detail.lower() else f" ({detail})"
     return f"{path}: not a checkpoint this project can read safely{reason}"
 
