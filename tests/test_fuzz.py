@@ -315,14 +315,23 @@ def test_compare_inputs(tmp_path, capfd):
               "results.csv without columns": ('{"model": "x"}', "a,b\n1,2\n"),
               "non-numeric Dice": ('{"model": "x"}', good.replace("0.5", "high")),
               "NaN Dice": ('{"model": "x"}', good.replace("0.5", "nan")),
+              "empty Dice cell": ('{"model": "x"}', good.replace(",0.4,", ",,")),
+              "short row": ('{"model": "x"}', good.replace(",4,5,6", "")),
+              "infinite HD95": ('{"model": "x"}', good.replace(",4,", ",inf,")),
+              "repeated row": ('{"model": "x"}', good + good.splitlines()[1] + "\n"),
+              "no Dice column": ('{"model": "x"}', good.replace("ETpp", "ETxx")),
               "parameters not a number": ('{"model": "x", "parameters": "many"}', good)}
+    where = {"non-numeric Dice": ["results.csv: row 2 (case A, subset T2), column WT", "not a number"],
+             "NaN Dice": ["row 2", "column WT", "not a Dice"], "empty Dice cell": ["row 2", "column TC: empty"],
+             "short row": ["row 2", "column HD95_WT: empty"], "infinite HD95": ["column HD95_WT", "not a finite"],
+             "repeated row": ["row 3", "repeats row 2"], "no Dice column": ["results.csv: no column ETpp"]}
     for fault, (info, rows) in faults.items():
         run = tmp_path / fault.replace(" ", "_")
         run.mkdir()
         (run / "run.json").write_text(info)
         (run / "results.csv").write_bytes(rows if isinstance(rows, bytes) else rows.encode())
         refused("compare", ["--results", run, "--savepath", tmp_path / "cmp"], capfd, f"test.py output: {fault}",
-                [str(run)], [tmp_path / "cmp"])
+                [str(run)] + where.get(fault, []), [tmp_path / "cmp"])
 
 
 def test_convert_inputs(world, tmp_path, capfd):

@@ -1,5 +1,6 @@
 """Losses, learning-rate schedules, recipes, BraTS metrics and sliding-window inference
 against hand-computed values and independent definitions."""
+import csv
 import itertools
 import math
 
@@ -9,6 +10,7 @@ import torch
 
 from engine.inference import sliding_window, window_starts
 from models import build_model
+from utils.io import write_csv
 from utils.losses import one_hot, region_targets, segmentation_loss, soft_dice_loss, weighted_cross_entropy
 from utils.metrics import HD95_ONE_EMPTY, brats_metrics, hd95
 from utils.recipe import Recipe
@@ -274,3 +276,14 @@ def test_first_line_of_an_error_message():
     assert first_line(ValueError("\n  bad header\nmore detail")) == "bad header"
     assert first_line(KeyError()) == "KeyError"  # an empty message: the type, not an IndexError
     assert first_line(OSError("x" * 500), limit=10) == "x" * 10
+
+
+def test_csv_floats_read_back_exactly_and_formats_apply_per_column(tmp_path):
+    values = [1 / 3, 0.1 + 0.2, np.float64(2 / 7), 1e-300, 373.12866]
+    rows = [{"x": v, "p": 2e-12 * (i + 1), "name": f"r{i}", "n": i} for i, v in enumerate(values)]
+    write_csv(tmp_path / "t.csv", rows, ["name", "x", "p", "n"], formats={"p": ".2e"})
+    with open(tmp_path / "t.csv", newline="") as f:
+        back = list(csv.DictReader(f))
+    assert [float(r["x"]) for r in back] == [float(v) for v in values]  # no rounding, no 'np.float64(...)'
+    assert [r["p"] for r in back] == ["2.00e-12", "4.00e-12", "6.00e-12", "8.00e-12", "1.00e-11"]
+    assert [r["n"] for r in back] == ["0", "1", "2", "3", "4"] and not list(tmp_path.glob(".*tmp*"))

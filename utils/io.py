@@ -23,13 +23,22 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def write_csv(path, rows, fields):
-    """rows (dicts) -> CSV with the given columns; floats with 4 decimals."""
+def write_csv(path, rows, fields, formats=None):
+    """rows (dicts) -> CSV with the given columns. Floats are written at full precision (the
+    shortest text that reads back as the same float), or with the format spec that `formats`
+    gives their column (e.g. {"p": ".2e"})."""
+    formats = formats or {}
+
+    def cell(key, value):
+        if not isinstance(value, (float, np.floating)):
+            return value
+        return format(float(value), formats[key]) if key in formats else repr(float(value))
+
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fields, lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()})
+            writer.writerow({k: cell(k, v) for k, v in row.items()})
 
 
 def write_text(path, text):
