@@ -104,12 +104,15 @@ def markdown(runs, keys, extra, tables, summary, tests, reference, resamples=200
             cells = [f"**{100 * row[l]:.2f}**" if l in top else f"{100 * row[l]:.2f}" for l in labels]
             lines.append(f"| {row['subset']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Models", "", "| Model | Parameters | In use | s / case | " + " | ".join(f"{k[5:]} HD95 mm" for k in HD95)
-              + " |", "|---|---|---|---|" + "---|" * len(HD95)]
+    lines += ["## Models", "", "| Model | Parameters | In use | s / case | Inference | "
+              + " | ".join(f"{k[5:]} HD95 mm" for k in HD95) + " |", "|---|---|---|---|---|" + "---|" * len(HD95)]
     for s in summary:
         params = [f"{s[k]:,}" if s[k] is not None else "" for k in ("parameters", "parameters_in_use")]
         lines.append(f"| {s['model']} | {params[0]} | {params[1]} | {_number(s['seconds_per_case'], 1)} | "
-                     + " | ".join(_number(s.get(k)) for k in HD95) + " |")
+                     f"{s['inference']} | " + " | ".join(_number(s.get(k)) for k in HD95) + " |")
+    if len({s["inference"] for s in summary}) > 1:
+        lines += ["", "The runs did not predict alike (see Inference): mirroring, window weights and ensembles "
+                      "change the Dice, so these differences are not the models' alone."]
     lines += tests_markdown(tests, keys, reference, resamples, seed)
     return "\n".join(lines) + "\n"
 
@@ -132,7 +135,7 @@ def main(argv=None):
                   [{"region": region, **row, "best": "+".join(best(row, labels))}
                    for region in REGIONS for row in tables[region]], ["region", "subset", *labels, "best"])
         write_csv(f"{out}/models.csv", summary,
-                  ["model", "parameters", "parameters_in_use", "seconds_per_case", *HD95])
+                  ["model", "parameters", "parameters_in_use", "seconds_per_case", "inference", *HD95])
         write_csv(f"{out}/significance.csv", tests, TEST_FIELDS, formats={"p": ".2e", "p_holm": ".2e"})
         text = markdown(runs, keys, extra, tables, summary, tests, args.reference, args.resamples, args.seed)
         write_text(f"{out}/comparison.md", text)

@@ -13,8 +13,14 @@ are not run) and the label map (uint8: 0 background, 1 NCR, 2 ED, 3 ET) is writt
 reference's grid: same shape and affine. --probabilities also writes the model's output maps
 (X, Y, Z, K) float32: the four class probabilities (background, NCR, ED, ET) or, for a region
 model, those of WT, TC and ET. Beside the label map: <output>.json (sequences and their
-grids, reference, model, tumour volumes in cm3) and <output>.png (the prediction over each
-sequence in three planes through the tumour).
+grids, reference, model, tumour volumes in cm3, expected quality) and <output>.png (the
+prediction over each sequence in three planes through the tumour).
+
+Several --resume checkpoints (of one model kind) are an ensemble, their probabilities
+averaged; --tta mirrors every window over the voxel axes; --window_weight gaussian weights
+overlapping windows as nnU-Net does. When the checkpoint's folder (or --reference_results)
+holds test.py results of the model, the report and the log give the test-set Dice for the
+sequences given, and warn of regions that are unreliable without a missing sequence.
 """
 import contextlib
 import json
@@ -32,9 +38,11 @@ import torch
 from data.clinical import load_clinical, motion, nifti_affine, skull_warning
 from data.patient import load_patient, modality_files, one_grid_1mm
 from data.preprocessing import CaseError, uncrop
-from engine.checkpoint import CheckpointError, load_model
-from engine.cli import add_model_flags, model_config
-from engine.evaluation import predict_subsets
+from engine.checkpoint import CheckpointError, load_ensemble
+from engine.cli import add_inference_flags, add_model_flags, inference_options, model_config
+from engine.comparison import ComparisonError
+from engine.evaluation import predict_ensemble
+from engine.quality import expected_quality, find_results, quality_line
 from utils.brats import LABELS, MODALITIES, MODALITY_NAMES, OUTPUT_ACTIVATION, OUTPUT_CHANNELS, REGIONS, to_labels
 from utils.figures import report_figure
 from utils.io import atomic_path, nifti_image
@@ -46,7 +54,7 @@ VOLUMES = {**{LABELS[k]: (k,) for k in (1, 2, 3)}, "TC": REGIONS["TC"], "WT": RE
 
 def parser():
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--resume", required=True, help="checkpoint (train_poly.py's or the original code's)")
+    add_inference_flags(p)
     p.add_argument("--input", help="folder with the patient's BraTS-named NIfTI files")
     for name, flag in zip(MODALITY_NAMES, MODALITIES):
         p.add_argument(f"--{flag}", help=f"the {name} image: a NIfTI file or a folder of one DICOM series "
@@ -61,6 +69,9 @@ def parser():
     p.add_argument("--probabilities", nargs="?", const="", metavar="PATH",
                    help="also write the model's output maps: class or region probabilities "
                         "(default PATH: <output>_probabilities.nii.gz)")
+    p.add_argument("--reference_results", metavar="DIR",
+                   help="test.py results of this model (default: the checkpoint's folder, when they are there) "
+                        "for the expected-quality line: test-set Dice for the sequences given")
     p.add_argument("--batch_size", type=int, default=1, help="sliding windows per forward pass")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -77,18 +88,21 @@ def outputs(p, args):
     base = NIFTI.sub("", args.output)
     paths = [(args.output, "labels"), (base + ".json", "report"), (base + ".png", "figure")]
     if args.probabilities is not None:
-        path = args.probabilities or NIFTI.sub("", args.output) + "_probabilities.nii.gz"
+        path = args.probabilities or base + "_probabilities.nii.gz"
         if not NIFTI.search(path) or os.path.abspath(path) == os.path.abspath(args.output):
             p.error(f"--probabilities {path}: give a .nii.gz or .nii file name other than --output")
         paths.append((path, "probabilities"))
     return paths
 
 
-def segment(model, patient, shape, batch_size, progress):
+def segment(models, patient, shape, batch_size=1, progress=False, **options):
     """-> (labels (X, Y, Z) uint8, output maps (X, Y, Z, K) float32) in the grid of `shape` the
-    patient's crop box lies in; outside the crop: background (class probabilities) or no region."""
-    probs = predict_subsets(model, torch.from_numpy(patient.volume), [patient.mask], batch_size, progress,
-                            origin=[lo for lo, _ in patient.box])[0].cpu().numpy()  # (K, x, y, z)
+    patient's crop box lies in; outside the crop: background (class probabilities) or no region.
+    models: a list, an ensemble when several (averaged); options: engine.cli.inference_options."""
+    model = models[0]
+    probs = predict_ensemble(models, torch.from_numpy(patient.volume), [patient.mask], batch_size,
+                             progress, origin=[lo for lo, _ in patient.box],
+                             **options)[0].cpu().numpy()  # (K, x, y, z)
     full = uncrop(probs, shape, patient.box)
     if model.output_kind == "classes":
         full[0][uncrop(np.ones(probs.shape[1:], bool), shape, patient.box) == 0] = 1
@@ -132,11 +146,12 @@ def announce(paths, log):
     log(f"using {', '.join(used)}" + (f"; missing {', '.join(missing)}" if missing else ""))
 
 
-def predict_brats_like(model, paths, args, log):
+def predict_brats_like(models, paths, args, options, log):
     """Sequences on one 1 mm grid, preprocessed exactly as training cases."""
-    patient = load_patient(paths, model.window)
+    patient = load_patient(paths, largest_window(models))
     announce(paths, log)
-    labels, maps = segment(model, patient, patient.reference.shape, args.batch_size, not args.no_progress)
+    labels, maps = segment(models, patient, patient.reference.shape, args.batch_size, not args.no_progress,
+                           **options)
     for k, path in enumerate(paths):
         warning = path and skull_warning(MODALITY_NAMES[k], path, np.asarray(nib.load(path).dataobj))
         if warning:
@@ -149,10 +164,11 @@ def predict_brats_like(model, paths, args, log):
     return Result(labels, maps, affine, patient.volume, _crop(labels, patient.box), affine, report)
 
 
-def predict_clinical(model, paths, args, log):
+def predict_clinical(models, paths, args, options, log):
     """Sequences on other grids: resampled into the reference's 1 mm working grid (registered
     first with --register); the outputs sent back into the reference's grid."""
-    patient = load_clinical(paths, model.window, args.reference, args.register, log)
+    model = models[0]
+    patient = load_clinical(paths, largest_window(models), args.reference, args.register, log)
     announce(paths, log)
     grid, ref = patient.grid, patient.reference
     for s in patient.sequences:
@@ -162,7 +178,8 @@ def predict_clinical(model, paths, args, log):
     log(f"reference {ref.name} ({'x'.join(map(str, ref.image.GetSize()))} voxels of "
         f"{'x'.join(f'{v:g}' for v in ref.image.GetSpacing())} mm); working grid "
         f"{'x'.join(map(str, grid.GetSize()))} at 1 mm")
-    work_labels, work_maps = segment(model, patient, tuple(grid.GetSize()), args.batch_size, not args.no_progress)
+    work_labels, work_maps = segment(models, patient, tuple(grid.GetSize()), args.batch_size, not args.no_progress,
+                                     **options)
     labels = patient.to_reference(work_labels, nearest=True)
     maps = patient.to_reference(work_maps, nearest=False)
     if model.output_kind == "classes":  # outside the working grid: background
@@ -178,6 +195,23 @@ def predict_clinical(model, paths, args, log):
               "working_grid": {"shape": list(grid.GetSize()), "spacing_mm": 1.0}}
     return Result(labels, maps, nifti_affine(ref.image), patient.volume, _crop(work_labels, patient.box),
                   nifti_affine(grid), report)
+
+
+def largest_window(models):
+    """The smallest crop every model's window fits in (per axis the largest window)."""
+    return tuple(max(w) for w in zip(*(m.window for m in models)))
+
+
+def results_for(args, model_name):
+    """The test.py run (engine.quality.find_results) for the expected-quality line: that of
+    --reference_results (ComparisonError when it is not one of this model), else that in the
+    first checkpoint's folder when there is one, else None."""
+    if args.reference_results:
+        try:
+            return find_results(args.reference_results, model_name, required=True)
+        except ComparisonError as err:
+            raise ComparisonError(f"--reference_results {err}")
+    return find_results(os.path.dirname(os.path.abspath(args.resume[0])), model_name)
 
 
 def _ras(volume, affine):
@@ -198,6 +232,7 @@ def main(argv=None):
     targets = outputs(p, args)
     for path, kind in targets:
         p.check_writable("--output" if kind != "probabilities" else "--probabilities", path)
+    options = inference_options(p, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log = lambda line: print(f"predict.py: {line}", file=sys.stderr)  # noqa: E731
     try:
@@ -205,17 +240,24 @@ def main(argv=None):
         if args.reference and not paths[MODALITIES.index(args.reference)]:
             raise CaseError(None, "input", f"--reference {args.reference}: no "
                                            f"{MODALITY_NAMES[MODALITIES.index(args.reference)]} sequence given")
-        model, _ = load_model(args.resume, args.model, model_config(p, args))
+        models, _ = load_ensemble(args.resume, args.model, model_config(p, args))
+        model = models[0]
+        name = getattr(model, "registry_name", type(model).__name__)
+        run = results_for(args, name)
         start = time.perf_counter()
-        model.to(device)
+        models = [m.to(device) for m in models]
         brats_like = not args.register and one_grid_1mm(paths)
-        result = (predict_brats_like if brats_like else predict_clinical)(model, paths, args, log)
+        result = (predict_brats_like if brats_like else predict_clinical)(models, paths, args, options, log)
         channels = f"{', '.join(OUTPUT_CHANNELS[model.output_kind])} ({OUTPUT_ACTIVATION[model.output_kind]})"
         cm3 = volumes(result.labels, result.affine)
-        report = {"output": os.path.abspath(args.output), "model": model.registry_name if hasattr(
-                      model, "registry_name") else type(model).__name__, "checkpoint": os.path.abspath(args.resume),
+        mask = tuple(path is not None for path in paths)
+        quality = run and expected_quality(run, mask, checkpoints=args.resume)
+        report = {"output": os.path.abspath(args.output), "model": name,
+                  "checkpoint": os.path.abspath(args.resume[0]),
+                  "checkpoints": [os.path.abspath(path) for path in args.resume],
+                  "tta": args.tta.lower(), "flips": len(options["flips"]), "window_weight": args.window_weight,
                   **result.report, "missing": [name for name, path in zip(MODALITY_NAMES, paths) if not path],
-                  "volumes_cm3": cm3}
+                  "volumes_cm3": cm3, "expected_quality": quality or None}
         with contextlib.ExitStack() as stack:  # all outputs renamed together, none on failure
             for path, kind in targets:
                 tmp = stack.enter_context(atomic_path(path))
@@ -232,9 +274,13 @@ def main(argv=None):
                     image = nifti_image(data, result.affine)
                     image.header["descrip"] = text[:79].encode()
                     nib.save(image, tmp)
-    except (CaseError, CheckpointError, FileNotFoundError, ValueError, OSError) as err:
+    except (CaseError, CheckpointError, ComparisonError, FileNotFoundError, ValueError, OSError) as err:
         print(f"predict.py: {err}", file=sys.stderr)
         return 1
+    if quality:
+        log(quality_line(quality))
+        for warning in quality["warnings"]:
+            log(f"warning: {warning}")
     counts = ", ".join(f"{name} {int((result.labels == k).sum())}" for k, name in ((1, "NCR"), (2, "ED"), (3, "ET")))
     log(f"wrote {', '.join(path for path, _ in targets)} ({'x'.join(map(str, result.labels.shape))}; "
         f"voxels {counts}) in {time.perf_counter() - start:.1f} s on {device}")

@@ -7,6 +7,11 @@ subset means and the mean over subsets: the paper's table), figures/<case>.png a
 (the model, its configuration, parameters, the cases and the seconds per case, which
 compare.py reads); with --save_nifti also predictions/<subset>/<case>.nii.gz in the original
 image space.
+Several --resume checkpoints (of one model kind) are an ensemble: their probabilities are
+averaged. --tta mirrors every window over the voxel axes (all 8 flips by default) and
+--window_weight gaussian weights overlapping windows as nnU-Net does; the defaults (one
+checkpoint, no mirroring, uniform weights) are the paper's protocol, and run.json records the
+choice.
 Checkpoints of train_poly.py describe their model (one of your own: name its module again
 with --model); for checkpoints of the original code give the variant flags
 (--interleaved_tokenization, --mamba_skip, --first_skip, --patch_size).
@@ -22,8 +27,8 @@ import torch
 
 from data.datasets import EvalDataset
 from data.preprocessing import CaseError, uncrop
-from engine.checkpoint import CheckpointError, load_model
-from engine.cli import add_model_flags, model_config
+from engine.checkpoint import CheckpointError, load_ensemble
+from engine.cli import add_inference_flags, add_model_flags, inference_options, model_config
 from engine.evaluation import (RESULT_FIELDS, SUMMARY_FIELDS, evaluate, parameters_in_use, summarize,
                                summary_markdown)
 from engine.models import DEFAULT_MODEL
@@ -36,7 +41,6 @@ from utils.parser import ArgumentParser
 def parser():
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datapath", required=True, help="preprocessed data (vol/, seg/, meta/, splits/)")
-    p.add_argument("--resume", required=True, help="checkpoint (train_poly.py's or the original code's)")
     p.add_argument("--savepath", required=True, help="output folder")
     p.add_argument("--test_file", help="test case list (default <datapath>/splits/test15splits.csv)")
     p.add_argument("--dataname", default="BRATS2023")
@@ -45,6 +49,7 @@ def parser():
     p.add_argument("--batch_size", type=int, default=1, help="sliding windows per forward pass")
     p.add_argument("--save_nifti", action="store_true", help="write the label maps as NIfTI")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    add_inference_flags(p)
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_model_flags(p, sizes=False, title="the model: a train_poly.py checkpoint names its own (give "
                                           "--model again for one from outside the project); for a "
@@ -76,6 +81,13 @@ def case_writer(savepath, nifti):
     return write
 
 
+def inference_note(args):
+    """', mirrored over xyz, Gaussian windows' for the title of summary.md ('' for the protocol's)."""
+    parts = ([f"mirrored over {args.tta.lower()}"] if args.tta else []) + (
+        ["Gaussian windows"] if args.window_weight == "gaussian" else [])
+    return "".join(f", {part}" for part in parts)
+
+
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
@@ -89,24 +101,30 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     test_file = args.test_file or os.path.join(args.datapath, "splits", "test15splits.csv")
     config = model_config(p, args)
+    options = inference_options(p, args)
     try:
-        model, ckpt = load_model(args.resume, args.model, config)
+        models, ckpts = load_ensemble(args.resume, args.model, config)
+        model, ckpt = models[0], ckpts[0]
         dataset = EvalDataset(args.datapath, test_file)
         start = time.perf_counter()
-        rows = evaluate(model.to(device), dataset, subsets, args.batch_size,
-                        progress=not args.no_progress, on_case=case_writer(args.savepath, args.save_nifti))
+        rows = evaluate([m.to(device) for m in models], dataset, subsets, args.batch_size,
+                        progress=not args.no_progress, on_case=case_writer(args.savepath, args.save_nifti), **options)
         seconds = time.perf_counter() - start
         summary = summarize(rows)
         write_csv(os.path.join(args.savepath, "results.csv"), rows, RESULT_FIELDS)
         write_csv(os.path.join(args.savepath, "summary.csv"), summary, SUMMARY_FIELDS)
         table = summary_markdown(summary)
-        epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else ""
+        epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt and len(ckpts) == 1 else ""
+        names = " + ".join(os.path.basename(path) for path in args.resume)
         write_text(os.path.join(args.savepath, "summary.md"),
-                   f"# {os.path.basename(args.resume)}{epoch}: {len(dataset)} test cases\n\n{table}")
+                   f"# {names}{epoch}{inference_note(args)}: {len(dataset)} test cases\n\n{table}")
         run = {"model": ckpt.get("model") or args.model or DEFAULT_MODEL,
-               "config": ckpt.get("config") or config, "checkpoint": os.path.abspath(args.resume),
-               "epoch": ckpt.get("epoch"), "parameters": sum(q.numel() for q in model.parameters()),
-               "parameters_in_use": parameters_in_use(model), "window": list(model.window),
+               "config": ckpt.get("config") or config, "checkpoint": os.path.abspath(args.resume[0]),
+               "checkpoints": [os.path.abspath(path) for path in args.resume],
+               "configs": [c.get("config") or config for c in ckpts],
+               "epoch": ckpt.get("epoch"), "parameters": sum(q.numel() for m in models for q in m.parameters()),
+               "parameters_in_use": sum(parameters_in_use(m) for m in models), "window": list(model.window),
+               "tta": args.tta.lower(), "flips": len(options["flips"]), "window_weight": args.window_weight,
                "test_file": os.path.abspath(test_file), "cases": len(dataset),
                "subsets": [subset_name(s) for s in subsets], "seconds_per_case": seconds / max(len(dataset), 1),
                "device": str(device)}

@@ -115,3 +115,17 @@ def load_model(path, model=None, config=None):
                               f"pre-training stage); train a segmentation stage from it with train_poly.py "
                               f"--model {spec} --pretrained {path} (and the sizes of this run)")
     return net.eval(), ckpt
+
+
+def load_ensemble(paths, model=None, config=None):
+    """([models], [checkpoints]) of load_model for each path: an ensemble, whose outputs are
+    averaged. CheckpointError (one line) unless they share one model kind (class) and output
+    kind; their configurations (and windows) may differ."""
+    loaded = [load_model(path, model, config) for path in paths]
+    first = loaded[0][0]
+    for path, (net, _) in zip(paths[1:], loaded[1:]):
+        if type(net) is not type(first) or net.output_kind != first.output_kind:
+            raise CheckpointError(f"{path}: a {type(net).__name__} model with {net.output_kind} outputs; "
+                                  f"{paths[0]} holds a {type(first).__name__} with {first.output_kind} outputs: "
+                                  "an ensemble averages checkpoints of one model kind")
+    return [net for net, _ in loaded], [ckpt for _, ckpt in loaded]

@@ -1,5 +1,6 @@
 """Command-line flags shared by train_poly.py, test.py and predict.py: the model and its
-configuration (the original code's flag names), and one flag per recipe field."""
+configuration (the original code's flag names), one flag per recipe field, and the inference
+options (ensembles, mirroring, window weights)."""
 import argparse
 import dataclasses
 import json
@@ -9,6 +10,7 @@ from utils.brats import SUBSETS
 from utils.recipe import AUGMENTATIONS, Recipe, format_value
 from utils.schedule import OPTIMIZERS, SCHEDULES
 
+from .inference import AXES, WINDOW_WEIGHTS, mirror_flips
 from .models import DEFAULT_MODEL, ModelError, accepts, model_class
 
 # flag -> constructor argument, for the models that have it
@@ -39,6 +41,28 @@ def add_model_flags(parser, sizes=True, title="model"):
         group.add_argument(f"--{STAGE_FLAG}", metavar="STAGE",
                            help="M3AE: pretrain (masked autoencoder, no labels, no validation) or finetune "
                                 "(segmentation, the default; start it from a pre-training run with --pretrained)")
+
+
+def add_inference_flags(parser):
+    """--resume (one checkpoint or an ensemble), --tta and --window_weight of test.py and predict.py."""
+    parser.add_argument("--resume", required=True, nargs="+", metavar="CHECKPOINT",
+                        help="checkpoint (train_poly.py's or the original code's); several: an ensemble "
+                             "(one model kind; their probabilities averaged)")
+    parser.add_argument("--tta", nargs="?", const=AXES, default="", metavar="AXES",
+                        help=f"test-time mirroring over the voxel axes given (any of {AXES}; default all "
+                             "three: 8 flips), probabilities averaged")
+    parser.add_argument("--window_weight", choices=WINDOW_WEIGHTS, default="uniform",
+                        help="how overlapping windows are averaged: uniformly (the paper's protocol) or with "
+                             "Gaussian weights, sigma 1/8 of the window (nnU-Net's)")
+
+
+def inference_options(parser, args):
+    """{flips, window_weight} for engine.evaluation from the flags; a bad --tta is a usage error."""
+    try:
+        flips = mirror_flips(args.tta.lower())
+    except ValueError as err:
+        parser.error(f"--tta: {err}")
+    return {"flips": flips, "window_weight": args.window_weight}
 
 
 def model_config(parser, args, check=True):

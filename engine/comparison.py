@@ -23,7 +23,8 @@ TESTED = ("WT", "TC", "ET")  # the regions of the paired tests
 HD95 = ("HD95_WT", "HD95_TC", "HD95_ET")
 ZERO_METHOD = "wilcox"  # zero differences are dropped before ranking (scipy.stats.wilcoxon's zero_method)
 DECIMALS = 10  # differences are rounded to this many decimals before ranking: float noise makes no rank
-INFO_FIELDS = {"model": str, "parameters": int, "parameters_in_use": int, "seconds_per_case": (int, float)}  # of run.json
+INFO_FIELDS = {"model": str, "parameters": int, "parameters_in_use": int, "seconds_per_case": (int, float),
+               "checkpoints": list, "tta": str, "window_weight": str}  # of run.json
 
 
 class ComparisonError(Exception):
@@ -259,11 +260,21 @@ def paired_tests(runs, keys, reference, resamples=2000, seed=0):
     return primary + per_subset
 
 
+def inference(info):
+    """How a run predicted, from its run.json: 'uniform windows' (the paper's protocol), or
+    e.g. 'ensemble of 2, mirrored over xyz, gaussian windows'."""
+    count = len(info.get("checkpoints") or [None])
+    parts = ([f"ensemble of {count}"] if count > 1 else []) + (
+        [f"mirrored over {info['tta']}"] if info.get("tta") else [])
+    return ", ".join(parts + [f"{info.get('window_weight') or 'uniform'} windows"])
+
+
 def model_summary(runs, keys):
-    """Per model: parameters (in use), seconds per case, mean HD95 per region over the pairs."""
+    """Per model: parameters (in use), seconds per case, how it predicted (inference), mean
+    HD95 per region over the pairs."""
     return [{"model": r["label"], "parameters": r["info"].get("parameters"),
              "parameters_in_use": r["info"].get("parameters_in_use"),
-             "seconds_per_case": r["info"].get("seconds_per_case"),
+             "seconds_per_case": r["info"].get("seconds_per_case"), "inference": inference(r["info"]),
              **{k: float(np.mean([r["rows"][key][k] for key in keys])) for k in HD95
                 if all(k in r["rows"][key] for key in keys)}} for r in runs]
 

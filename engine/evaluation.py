@@ -1,8 +1,9 @@
 """Evaluation over modality subsets (SPEC section 5) for any model of the contract
 (models/base.py): sliding-window output maps of whole cropped volumes (each window encoded
 once and decoded for every subset when the model has encode/decode, one forward pass per
-subset otherwise), labels by the model's output kind, BraTS metrics per case and subset, and
-the per-subset summary (the paper's table)."""
+subset otherwise), optionally mirrored, Gaussian-weighted and averaged over an ensemble of
+checkpoints; labels by the model's output kind, BraTS metrics per case and subset, and the
+per-subset summary (the paper's table)."""
 import numpy as np
 import torch
 
@@ -13,7 +14,7 @@ from utils.brats import MODALITIES, OUTPUT_CHANNELS, subset_name, to_labels
 from utils.metrics import brats_metrics
 from utils.progress import progress_bar
 
-from .inference import sliding_window
+from .inference import flip_spatial, sliding_window
 
 DICE = ("WT", "TC", "ET", "ETpp")
 HD95 = ("HD95_WT", "HD95_TC", "HD95_ET")
@@ -22,14 +23,18 @@ SUMMARY_FIELDS = ("subset", "mask", "cases") + DICE + HD95
 
 
 @torch.no_grad()
-def predict_subsets(model, volume, subsets, batch_size=1, progress=False, origin=None):
+def predict_subsets(model, volume, subsets, batch_size=1, progress=False, origin=None, flips=((),),
+                    window_weight="uniform"):
     """volume (M, X, Y, Z) -> the model's output maps (S, K, X, Y, Z), one per subset, on the
     model's device. With encode/decode each window is encoded once, with the images of the
     modalities no subset uses set to zero (IM-Fuse skips their encoders), and decoded once per
     subset (decode must ignore the modalities its mask marks absent); otherwise each subset is
     one forward pass with the images of its absent modalities set to zero. A model that uses
     positions (models/base.py) gets each window's place in the native grid: `origin` (the
-    native index of the volume's first voxel, from the crop box) + the window's start."""
+    native index of the volume's first voxel, from the crop box) + the window's start.
+    flips: test-time mirroring (engine.inference.mirror_flips): each window is also predicted
+    flipped along the axes of each flip (encoded once per flip), the outputs flipped back and
+    averaged; the default is no mirroring. window_weight: "uniform" or "gaussian" (sliding_window)."""
     device = next(model.parameters()).device
     masks = torch.tensor(subsets, dtype=torch.bool, device=device)  # (S, M)
     channels = len(OUTPUT_CHANNELS[model.output_kind])
@@ -37,12 +42,18 @@ def predict_subsets(model, volume, subsets, batch_size=1, progress=False, origin
     if positions and origin is None:
         raise ValueError(f"{model.__class__.__name__} places every window in the native grid: the case needs "
                          "its crop box (meta/<case>.json, written by preprocess.py)")
+    size = torch.tensor(model.window, device=device)
 
-    def predict(windows, starts=None):  # (B, M, *window) -> (B, S, K, *window)
+    def predict_flip(windows, starts, flip):  # (B, M, *window) -> (B, S, K, *window)
+        windows = flip_spatial(windows, flip)
         batch_masks = masks[:, None].expand(-1, windows.shape[0], -1)  # (S, B, M)
-        if positions:  # (B, 3, 2): per axis the native index of the first voxel, step 1
+        if positions:  # (B, 3, 2): per axis the native index of voxel 0 of the (flipped) window and the step
             first = starts.to(device) + torch.as_tensor(origin, device=device)
-            grid = torch.stack([first, torch.ones_like(first)], dim=-1)
+            step = torch.ones_like(first)
+            for a in flip:
+                first[:, a] += size[a] - 1
+                step[:, a] = -1
+            grid = torch.stack([first, step], dim=-1)
             out = [model(mask_modalities(windows, m), m, grid) for m in batch_masks]
         elif hasattr(model, "encode"):
             union = batch_masks.any(0)
@@ -54,20 +65,37 @@ def predict_subsets(model, volume, subsets, batch_size=1, progress=False, origin
         if out.shape[2] != channels:
             raise ValueError(f"the model outputs {out.shape[2]} channels; its output kind "
                              f"{model.output_kind!r} has {channels}")
-        return out
+        return flip_spatial(out, flip)
 
-    return sliding_window(volume.to(device, torch.float32), model.window, predict,
-                          batch_size=batch_size, progress=progress, with_starts=positions)
+    def predict(windows, starts=None):
+        return sum(predict_flip(windows, starts, flip) for flip in flips) / len(flips)
+
+    return sliding_window(volume.to(device, torch.float32), model.window, predict, batch_size=batch_size,
+                          progress=progress, with_starts=positions, weight=window_weight)
+
+
+def predict_ensemble(models, volume, subsets, batch_size=1, progress=False, origin=None, flips=((),),
+                     window_weight="uniform"):
+    """predict_subsets of each model (each with its own window), averaged: (S, K, X, Y, Z)."""
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    total = None
+    for model in models:
+        out = predict_subsets(model, volume, subsets, batch_size, progress, origin, flips, window_weight)
+        total = out if total is None else total + out.to(total.device)
+    return total / len(models)
 
 
 def evaluate(model, dataset, subsets=None, batch_size=1, distances=True, progress=True,
-             on_case=None, indices=None):
+             on_case=None, indices=None, flips=((),), window_weight="uniform"):
     """Segment every case (or those at `indices`) of an EvalDataset with each of `subsets`
     (default: the case's assigned subset) -> result rows {case, subset, mask, WT, TC, ET,
-    ETpp[, HD95_*]}.
+    ETpp[, HD95_*]}. model: a model, or a list of them (an ensemble, averaged; see
+    engine.checkpoint.load_ensemble); flips and window_weight as predict_subsets.
     on_case(sample, meta, subsets, labels (S, X, Y, Z) uint8) is called after each case."""
-    was_training = model.training
-    model.eval()
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     rows = []
     for index in progress_bar(range(len(dataset)) if indices is None else indices, enabled=progress,
                               desc="evaluate", unit="case"):
@@ -75,8 +103,9 @@ def evaluate(model, dataset, subsets=None, batch_size=1, distances=True, progres
         meta = read_meta(dataset.root, sample["name"])
         spacing = meta["spacing"] if meta else (1, 1, 1)
         case_subsets = list(subsets or [tuple(sample["mask"].tolist())])
-        probs = predict_subsets(model, sample["image"], case_subsets, batch_size, origin=sample.get("origin"))
-        labels = to_labels(probs, model.output_kind, axis=1).to(torch.uint8).cpu().numpy()
+        probs = predict_ensemble(models, sample["image"], case_subsets, batch_size, origin=sample.get("origin"),
+                                 flips=flips, window_weight=window_weight)
+        labels = to_labels(probs, models[0].output_kind, axis=1).to(torch.uint8).cpu().numpy()
         del probs
         target = sample["label"].numpy()
         for mask, pred in zip(case_subsets, labels):
@@ -84,7 +113,8 @@ def evaluate(model, dataset, subsets=None, batch_size=1, distances=True, progres
                          "mask": format_mask(mask), **brats_metrics(pred, target, spacing, distances)})
         if on_case:
             on_case(sample, meta, case_subsets, labels)
-    model.train(was_training)
+    for m, training in zip(models, was_training):
+        m.train(training)
     return rows
 
 

@@ -1,12 +1,16 @@
 """Sliding-window inference (SPEC section 5, for any window): windows of the model's size with
 stride half the window per axis (starts 0, s, 2s, ... and a last window flush with the far
-end), outputs averaged uniformly where windows overlap."""
+end), outputs averaged where windows overlap, uniformly (the paper's protocol) or with
+nnU-Net's Gaussian importance weights; and test-time mirroring over the spatial axes."""
 import itertools
 
 import torch
 import torch.nn.functional as F
 
 from utils.progress import progress_bar
+
+WINDOW_WEIGHTS = ("uniform", "gaussian")
+AXES = "xyz"  # the voxel axes, as --tta names them
 
 
 def window_starts(dim, size, stride):
@@ -17,13 +21,29 @@ def window_starts(dim, size, stride):
     return starts
 
 
-def sliding_window(volume, window, predict, stride=None, batch_size=1, progress=False, with_starts=False):
+def gaussian_weights(window, sigma_scale=1 / 8):
+    """(X, Y, Z) float64 importance map of a window: the product over axes of
+    exp(-(i - c)^2 / (2 sigma^2)), c = (w - 1) / 2 the window's centre, sigma = w * sigma_scale
+    (nnU-Net's 1/8), scaled to a maximum of 1."""
+    axes = []
+    for w in window:
+        i = torch.arange(w, dtype=torch.float64)
+        axes.append(torch.exp(-(i - (w - 1) / 2) ** 2 / (2 * (w * sigma_scale) ** 2)))
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return weights / weights.max()
+
+
+def sliding_window(volume, window, predict, stride=None, batch_size=1, progress=False, with_starts=False,
+                   weight="uniform"):
     """volume (M, X, Y, Z) -> averaged outputs (S, K, X, Y, Z), where predict maps a batch of
     windows (B, M, *window) to (B, S, K, *window) (S outputs per window, e.g. one per modality
     subset); B <= batch_size. with_starts: predict also takes the windows' starts in the volume
     (B, 3) int64. window: 3-tuple, or an int for a cube; stride: default half the
     window per axis. Axes shorter than the window are padded by replicating the border, and
-    cropped back afterwards. progress: a progress bar over the windows."""
+    cropped back afterwards. weight: "uniform" (each window counts 1) or "gaussian"
+    (gaussian_weights). progress: a progress bar over the windows."""
+    if weight not in WINDOW_WEIGHTS:
+        raise ValueError(f"window weight {weight!r}: use one of {', '.join(WINDOW_WEIGHTS)}")
     window = (window,) * 3 if isinstance(window, int) else tuple(window)
     stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride or (max(w // 2, 1) for w in window))
     dims = volume.shape[1:]
@@ -33,6 +53,7 @@ def sliding_window(volume, window, predict, stride=None, batch_size=1, progress=
     starts = list(itertools.product(*(window_starts(d, w, s) for d, w, s in zip(volume.shape[1:], window, stride))))
     total = None
     count = torch.zeros(volume.shape[1:], dtype=volume.dtype, device=volume.device)
+    weights = (gaussian_weights(window) if weight == "gaussian" else torch.ones(window)).to(volume)
     bar = progress_bar(total=len(starts), desc="sliding window", unit="window", enabled=progress, leave=False)
     for i in range(0, len(starts), batch_size):
         boxes = [tuple(slice(s, s + w) for s, w in zip(start, window)) for start in starts[i:i + batch_size]]
@@ -41,8 +62,22 @@ def sliding_window(volume, window, predict, stride=None, batch_size=1, progress=
         if total is None:
             total = out.new_zeros(out.shape[1:3] + volume.shape[1:])
         for box, o in zip(boxes, out):
-            total[(slice(None), slice(None)) + box] += o
-            count[box] += 1
+            total[(slice(None), slice(None)) + box] += o * weights.to(o.dtype)
+            count[box] += weights
         bar.update(len(boxes))
     bar.close()
     return (total / count.to(total.dtype))[:, :, :dims[0], :dims[1], :dims[2]]
+
+
+def mirror_flips(axes):
+    """The flips of test-time mirroring over `axes` (a string of x, y, z; "" for none): every
+    subset of them, each a tuple of axis indices (0 x, 1 y, 2 z), the identity first."""
+    if any(a not in AXES for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"mirroring axes {axes!r}: give distinct letters of {AXES!r}, e.g. xyz or xy")
+    chosen = sorted(AXES.index(a) for a in axes)
+    return [flip for n in range(len(chosen) + 1) for flip in itertools.combinations(chosen, n)]
+
+
+def flip_spatial(tensor, flip):
+    """tensor (..., X, Y, Z) flipped along the spatial axes of `flip` (indices 0-2)."""
+    return tensor.flip([tensor.dim() - 3 + a for a in flip]) if flip else tensor

@@ -113,6 +113,7 @@ def test_tables_tests_and_figures_of_three_models(tmp_path, capsys):
     models = read(out / "models.csv")
     assert [int(r["parameters_in_use"]) for r in models] == list(PARAMS.values())
     assert float(models[0]["HD95_ET"]) == 7.0 and float(models[0]["seconds_per_case"]) == 12.5
+    assert {r["inference"] for r in models} == {"uniform windows"} and "did not predict alike" not in md
     for name in ("comparison.png", "subsets.png"):
         with Image.open(out / name) as png:
             assert png.format == "PNG" and png.size[0] > 300
@@ -139,6 +140,19 @@ def test_differences_that_cancel_case_by_case_are_not_significant(tmp_path):
     primary = [t for t in read(tmp_path / "cmp" / "significance.csv") if t["family"] == "primary"]
     assert len(primary) == 3 and all(float(t["p"]) > 0.5 and float(t["mean_diff"]) == pytest.approx(0, abs=1e-12)
                                      for t in primary)
+
+
+def test_runs_that_predicted_differently_are_flagged(tmp_path):
+    for model in ("imfuse", "mmformer"):
+        write_run(tmp_path / model, model)
+    info = json.loads((tmp_path / "mmformer" / "run.json").read_text())
+    info.update(checkpoints=["a.pth", "b.pth"], tta="xyz", window_weight="gaussian")
+    (tmp_path / "mmformer" / "run.json").write_text(json.dumps(info))
+    assert script("compare").main(["--results", str(tmp_path / "imfuse"), str(tmp_path / "mmformer"),
+                                   "--savepath", str(tmp_path / "cmp")]) == 0
+    models = {r["model"]: r["inference"] for r in read(tmp_path / "cmp" / "models.csv")}
+    assert models == {"imfuse": "uniform windows", "mmformer": "ensemble of 2, mirrored over xyz, gaussian windows"}
+    assert "did not predict alike" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
 def test_holm_and_bootstrap_by_hand():

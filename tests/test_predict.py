@@ -88,7 +88,7 @@ def test_the_encoders_of_absent_sequences_do_not_run(case):
     calls = [0] * 4
     for k, encoder in enumerate(model.encoders):
         encoder.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls[k] + 1))
-    labels, _ = script("predict").segment(model, patient, patient.reference.shape, 1, False)
+    labels, _ = script("predict").segment([model], patient, patient.reference.shape)
     assert calls[0] > 0 and calls[2] > 0 and calls[1] == calls[3] == 0
     assert labels.shape == patient.reference.shape
 
