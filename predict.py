@@ -2,6 +2,7 @@
 
     python predict.py --resume best.pth --input BraTS-GLI-00000-000 --output seg.nii.gz
     python predict.py --resume best.pth --flair flair.nii.gz --t1c t1c_dicom/ --output seg.nii.gz [--register]
+    python predict.py --resume best.pth --flair flair_dicom/ --t1c t1c_dicom/ --output seg.dcm
 
 --input is a folder whose NIfTI files are named like a BraTS case's (-t2f/-t1c/-t1n/-t2w as in
 2023, or _flair/_t1ce/_t1/_t2); --flair/--t1c/--t1/--t2 take NIfTI files or folders of one
@@ -10,7 +11,10 @@ others are first resampled into a 1 mm grid aligned with a reference sequence (-
 default T1c, else the one with the smallest voxels), after a rigid registration to it with
 --register. The scans are segmented with the sliding window (the encoders of absent sequences
 are not run) and the label map (uint8: 0 background, 1 NCR, 2 ED, 3 ET) is written in the
-reference's grid: same shape and affine. --probabilities also writes the model's output maps
+reference's grid: same shape and affine. With --output NAME.dcm and a reference sequence given
+as a DICOM series, the labels are written as a DICOM Segmentation object instead (one segment
+each for NCR, ED and ET, every frame referencing its slice of the reference series), for a
+PACS or a DICOM viewer; the other outputs stay as they are. --probabilities also writes the model's output maps
 (X, Y, Z, K) float32: the four class probabilities (background, NCR, ED, ET) or, for a region
 model, those of WT, TC and ET. Beside the label map: <output>.json (sequences and their
 grids, reference, model, tumour volumes in cm3, expected quality) and <output>.png (the
@@ -44,11 +48,13 @@ from engine.comparison import ComparisonError
 from engine.evaluation import predict_ensemble
 from engine.quality import expected_quality, find_results, quality_line
 from utils.brats import LABELS, MODALITIES, MODALITY_NAMES, OUTPUT_ACTIVATION, OUTPUT_CHANNELS, REGIONS, to_labels
+from utils.dicom_seg import write_dicom_seg
 from utils.figures import report_figure
 from utils.io import atomic_path, nifti_image
 from utils.parser import ArgumentParser
 
 NIFTI = re.compile(r"\.nii(\.gz)?$")
+DICOM = re.compile(r"\.dcm$")
 VOLUMES = {**{LABELS[k]: (k,) for k in (1, 2, 3)}, "TC": REGIONS["TC"], "WT": REGIONS["WT"]}  # name -> labels
 
 
@@ -65,7 +71,8 @@ def parser():
     p.add_argument("--register", action="store_true",
                    help="register every other sequence rigidly to the reference (mutual information) "
                         "before resampling, for patient motion between sequences")
-    p.add_argument("--output", required=True, help="label map to write (.nii.gz or .nii)")
+    p.add_argument("--output", required=True,
+                   help="label map to write: .nii.gz or .nii, or .dcm for a DICOM-SEG on a DICOM reference series")
     p.add_argument("--probabilities", nargs="?", const="", metavar="PATH",
                    help="also write the model's output maps: class or region probabilities "
                         "(default PATH: <output>_probabilities.nii.gz)")
@@ -83,10 +90,14 @@ def parser():
 
 def outputs(p, args):
     """[(path, kind)] to write; bad names are a usage error."""
-    if not NIFTI.search(args.output):
-        p.error(f"--output {args.output}: give a .nii.gz or .nii file name")
-    base = NIFTI.sub("", args.output)
-    paths = [(args.output, "labels"), (base + ".json", "report"), (base + ".png", "figure")]
+    dicom = DICOM.search(args.output)
+    if not (NIFTI.search(args.output) or dicom):
+        p.error(f"--output {args.output}: give a .nii.gz, .nii or .dcm file name")
+    if dicom and not any(path and os.path.isdir(path) for path in [getattr(args, m) for m in MODALITIES]):
+        p.error(f"--output {args.output}: a DICOM-SEG needs the reference sequence as a folder of a DICOM "
+                "series (--flair/--t1c/--t1/--t2 FOLDER); give a .nii.gz name for NIfTI inputs")
+    base = DICOM.sub("", NIFTI.sub("", args.output))
+    paths = [(args.output, "dicom_seg" if dicom else "labels"), (base + ".json", "report"), (base + ".png", "figure")]
     if args.probabilities is not None:
         path = args.probabilities or base + "_probabilities.nii.gz"
         if not NIFTI.search(path) or os.path.abspath(path) == os.path.abspath(args.output):
@@ -120,6 +131,7 @@ class Result:
     crop_labels: np.ndarray  # (x, y, z) the labels there
     work_affine: np.ndarray  # the working grid's
     report: dict
+    reference_files: tuple = ()  # the reference DICOM series' files, one per slice of the output grid's z
 
 
 def nifti_grid(path):
@@ -169,8 +181,11 @@ def predict_clinical(models, paths, args, options, log):
     first with --register); the outputs sent back into the reference's grid."""
     model = models[0]
     patient = load_clinical(paths, largest_window(models), args.reference, args.register, log)
-    announce(paths, log)
     grid, ref = patient.grid, patient.reference
+    if DICOM.search(args.output) and ref.kind != "dicom":
+        raise CaseError(None, ref.source, f"the reference {ref.name} is not a DICOM series: a DICOM-SEG "
+                                          "(--output .dcm) needs one (choose it with --reference)")
+    announce(paths, log)
     for s in patient.sequences:
         warning = skull_warning(s.name, s.source, sitk.GetArrayViewFromImage(s.image))
         if warning:
@@ -194,7 +209,7 @@ def predict_clinical(models, paths, args, options, log):
     report = {"reference": ref.name, "sequences": sequences,
               "working_grid": {"shape": list(grid.GetSize()), "spacing_mm": 1.0}}
     return Result(labels, maps, nifti_affine(ref.image), patient.volume, _crop(work_labels, patient.box),
-                  nifti_affine(grid), report)
+                  nifti_affine(grid), report, ref.files)
 
 
 def largest_window(models):
@@ -264,6 +279,9 @@ def main(argv=None):
                 if kind == "report":
                     with open(tmp, "w") as f:
                         json.dump(report, f, indent=1)
+                elif kind == "dicom_seg":
+                    write_dicom_seg(tmp, result.labels, result.reference_files, name,
+                                    os.path.basename(args.resume[0])[:64])
                 elif kind == "figure":
                     present = [k for k, path in enumerate(paths) if path]
                     report_figure(tmp, [_ras(result.images[k], result.work_affine) for k in present],

@@ -31,6 +31,7 @@ class Sequence:
     kind: str  # "nifti" or "dicom"
     image: sitk.Image
     transform: sitk.Transform = field(default_factory=sitk.Transform)  # reference point -> this image's
+    files: tuple = ()  # a DICOM series' files, one per slice along image axis 2
 
     @property
     def name(self):
@@ -57,7 +58,7 @@ def orientation(image):
 def read_sequence(index, path):
     """Sequence of a NIfTI file or a DICOM series folder; CaseError naming it when unreadable."""
     if os.path.isdir(path):
-        image, kind = read_dicom_series(path), "dicom"
+        (image, files), kind = read_dicom_series(path), "dicom"
     elif not os.path.isfile(path):
         raise CaseError(None, path, "missing file")
     else:
@@ -77,7 +78,7 @@ def read_sequence(index, path):
         raise CaseError(None, path, "NaN or infinite values")
     if values.min() == values.max():
         raise CaseError(None, path, f"no image content (every voxel is {values.flat[0]:g})")
-    return Sequence(index, path, kind, image)
+    return Sequence(index, path, kind, image, files=tuple(files) if kind == "dicom" else ())
 
 
 def _message(err):
@@ -87,8 +88,9 @@ def _message(err):
 
 
 def read_dicom_series(folder):
-    """The one DICOM series in `folder`; CaseError for a file that is not readable DICOM, a
-    folder with no series or with several (listed with their descriptions)."""
+    """(image, its files in slice order) of the one DICOM series in `folder`; CaseError for a
+    file that is not readable DICOM, a folder with no series or with several (listed with their
+    descriptions)."""
     files = sorted(f for f in os.listdir(folder) if not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
     if not files:
         raise CaseError(None, folder, "empty folder: no DICOM series")
@@ -121,7 +123,7 @@ def read_dicom_series(folder):
     warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # its problems are ours to report, in one line
     try:
-        return series.Execute()
+        return series.Execute(), names
     except RuntimeError as err:
         raise CaseError(None, folder, f"unreadable DICOM series ({_message(err)})")
     finally:
