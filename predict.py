@@ -43,7 +43,7 @@ from data.clinical import load_clinical, motion, nifti_affine, skull_warning
 from data.patient import load_patient, modality_files, one_grid_1mm
 from data.preprocessing import CaseError, uncrop
 from engine.checkpoint import CheckpointError, load_ensemble
-from engine.cli import add_inference_flags, add_model_flags, inference_options, model_config
+from engine.cli import add_inference_flags, add_model_flags, inference_options, inference_record, model_config
 from engine.comparison import ComparisonError
 from engine.evaluation import predict_ensemble
 from engine.quality import expected_quality, find_results, quality_line
@@ -269,8 +269,7 @@ def main(argv=None):
         quality = run and expected_quality(run, mask, checkpoints=args.resume)
         report = {"output": os.path.abspath(args.output), "model": name,
                   "checkpoint": os.path.abspath(args.resume[0]),
-                  "checkpoints": [os.path.abspath(path) for path in args.resume],
-                  "tta": args.tta.lower(), "flips": len(options["flips"]), "window_weight": args.window_weight,
+                  **inference_record(args, options),
                   **result.report, "missing": [name for name, path in zip(MODALITY_NAMES, paths) if not path],
                   "volumes_cm3": cm3, "expected_quality": quality or None}
         with contextlib.ExitStack() as stack:  # all outputs renamed together, none on failure

@@ -28,7 +28,7 @@ import torch
 from data.datasets import EvalDataset
 from data.preprocessing import CaseError, uncrop
 from engine.checkpoint import CheckpointError, load_ensemble
-from engine.cli import add_inference_flags, add_model_flags, inference_options, model_config
+from engine.cli import add_inference_flags, add_model_flags, inference_options, inference_record, model_config
 from engine.evaluation import (RESULT_FIELDS, SUMMARY_FIELDS, evaluate, parameters_in_use, summarize,
                                summary_markdown)
 from engine.models import DEFAULT_MODEL
@@ -120,11 +120,9 @@ def main(argv=None):
                    f"# {names}{epoch}{inference_note(args)}: {len(dataset)} test cases\n\n{table}")
         run = {"model": ckpt.get("model") or args.model or DEFAULT_MODEL,
                "config": ckpt.get("config") or config, "checkpoint": os.path.abspath(args.resume[0]),
-               "checkpoints": [os.path.abspath(path) for path in args.resume],
-               "configs": [c.get("config") or config for c in ckpts],
+               **inference_record(args, options), "configs": [c.get("config") or config for c in ckpts],
                "epoch": ckpt.get("epoch"), "parameters": sum(q.numel() for m in models for q in m.parameters()),
                "parameters_in_use": sum(parameters_in_use(m) for m in models), "window": list(model.window),
-               "tta": args.tta.lower(), "flips": len(options["flips"]), "window_weight": args.window_weight,
                "test_file": os.path.abspath(test_file), "cases": len(dataset),
                "subsets": [subset_name(s) for s in subsets], "seconds_per_case": seconds / max(len(dataset), 1),
                "device": str(device)}

@@ -57,6 +57,7 @@ def orientation(image):
 
 def read_sequence(index, path):
     """Sequence of a NIfTI file or a DICOM series folder; CaseError naming it when unreadable."""
+    files = ()
     if os.path.isdir(path):
         (image, files), kind = read_dicom_series(path), "dicom"
     elif not os.path.isfile(path):
@@ -78,7 +79,7 @@ def read_sequence(index, path):
         raise CaseError(None, path, "NaN or infinite values")
     if values.min() == values.max():
         raise CaseError(None, path, f"no image content (every voxel is {values.flat[0]:g})")
-    return Sequence(index, path, kind, image, files=tuple(files) if kind == "dicom" else ())
+    return Sequence(index, path, kind, image, files=tuple(files))
 
 
 def _message(err):

@@ -4,6 +4,7 @@ options (ensembles, mirroring, window weights)."""
 import argparse
 import dataclasses
 import json
+import os
 
 from models import list_models
 from utils.brats import SUBSETS
@@ -63,6 +64,12 @@ def inference_options(parser, args):
     except ValueError as err:
         parser.error(f"--tta: {err}")
     return {"flips": flips, "window_weight": args.window_weight}
+
+
+def inference_record(args, options):
+    """What run.json and predict.py's report record of the inference flags."""
+    return {"checkpoints": [os.path.abspath(path) for path in args.resume], "tta": args.tta.lower(),
+            "flips": len(options["flips"]), "window_weight": args.window_weight}
 
 
 def model_config(parser, args, check=True):

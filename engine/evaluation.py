@@ -76,8 +76,8 @@ def predict_subsets(model, volume, subsets, batch_size=1, progress=False, origin
 
 def predict_ensemble(models, volume, subsets, batch_size=1, progress=False, origin=None, flips=((),),
                      window_weight="uniform"):
-    """predict_subsets of each model (each with its own window), averaged: (S, K, X, Y, Z)."""
-    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    """predict_subsets of each model of the list `models` (each with its own window), averaged:
+    (S, K, X, Y, Z)."""
     total = None
     for model in models:
         out = predict_subsets(model, volume, subsets, batch_size, progress, origin, flips, window_weight)

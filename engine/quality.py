@@ -9,9 +9,7 @@ import numpy as np
 
 from utils.brats import MODALITY_NAMES, subset_name
 
-from .comparison import ComparisonError, load_run
-
-QUALITY_REGIONS = ("WT", "TC", "ET")
+from .comparison import TESTED, ComparisonError, load_run
 
 
 def find_results(folder, model_name, required=False):
@@ -49,7 +47,7 @@ def expected_quality(run, mask, gap=0.10, checkpoints=()):
     if not own:
         return quality
     quality["cases"] = len(own)
-    for region in QUALITY_REGIONS:
+    for region in TESTED:
         values = np.array([v[region] for v in own.values()])
         quality["dice"][region] = {"mean": float(values.mean()), "p10": float(np.percentile(values, 10))}
     for k, present in enumerate(mask):
@@ -57,7 +55,7 @@ def expected_quality(run, mask, gap=0.10, checkpoints=()):
             continue
         fuller = by_subset.get(subset_name([p or j == k for j, p in enumerate(mask)]), {})
         cases = sorted(set(own) & set(fuller))
-        for region in QUALITY_REGIONS if cases else ():
+        for region in TESTED if cases else ():
             without = float(np.mean([own[c][region] for c in cases]))
             with_it = float(np.mean([fuller[c][region] for c in cases]))
             if with_it - without >= gap:
