@@ -34,6 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from data.datasets import EvalDataset, TrainDataset
 from data.sampling import EpochSampler
+from utils.amp import guard_cpu_bf16_convs
 from utils.brats import SEGMENTATION_KINDS
 from utils.errors import first_line
 from utils.progress import progress_bar
@@ -274,6 +275,8 @@ def _start(cfg, device, log):
     spec, config, seed = _identity(cfg, ckpt)
     torch.manual_seed(seed)
     model = build_model(spec, **config).to(device)
+    if cfg.amp and device.type == "cpu":
+        guard_cpu_bf16_convs(model)
     recipe, source = _recipe(cfg, ckpt, model)
     state = RunState(spec, config, recipe, seed, pretrained=cfg.pretrained)
     if cfg.pretrained:
@@ -425,8 +428,7 @@ def _train_epoch(cfg, run, net, model, optimizer, schedule, loader, writer, stat
                                 f"(cases {', '.join(names)}); lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if state.recipe.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), state.recipe.grad_clip)
+        _finite_gradients(model, state.recipe.grad_clip, f"epoch {epoch + 1}, iteration {i + 1}", names)
         optimizer.step()
         values = {"loss": loss.item(), **{k: torch.as_tensor(v).item() for k, v in parts.items()}}
         state.step += 1
@@ -435,6 +437,19 @@ def _train_epoch(cfg, run, net, model, optimizer, schedule, loader, writer, stat
         _scalars(writer, {"train/loss": values["loss"]}, state.step)
         bar.set_postfix(loss=f"{values['loss']:.3f}")
     return not run.any(stop.requested)  # all iterations done: validation and saving wait for the resume
+
+
+def _finite_gradients(model, grad_clip, where, names):
+    """Refuse a step whose gradients are not finite (naming a parameter); clip them to
+    grad_clip's total norm where the recipe asks."""
+    named = [(k, p) for k, p in model.named_parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for _, p in named])
+    if not torch.isfinite(norm):
+        bad = next(k for k, p in named if not torch.isfinite(p.grad).all())
+        raise TrainingError(f"{where}: the gradient of {bad} is not finite (cases {', '.join(names)}); "
+                            "lower --lr or check the data")
+    if grad_clip:
+        torch.nn.utils.clip_grads_with_norm_([p for _, p in named], grad_clip, norm)
 
 
 def _checked(result, spec):

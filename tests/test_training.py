@@ -337,6 +337,36 @@ def test_amp_trains_in_bf16_autocast_with_float32_weights(tiny_cohort, tmp_path)
     assert any(not torch.equal(v, initial[k]) for k, v in ckpt["state_dict"].items())
 
 
+def test_a_step_with_non_finite_gradients_is_refused_in_one_line(tiny_cohort, tmp_path, monkeypatch, capsys):
+    build = training.build_model
+
+    def poisoned(spec, **config):  # one parameter's gradient turns NaN, the loss stays finite
+        model = build(spec, **config)
+        model.decoder.seg.bias.register_hook(lambda g: g * float("nan"))
+        return model
+    monkeypatch.setattr(training, "build_model", poisoned)
+    assert train(tiny_cohort[1], tmp_path, "--num_epochs", "1", "--iter_per_epoch", "1", "--val_file", "") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epoch 1, iteration 1: the gradient of decoder.seg.bias is not finite" in err[0]
+    assert not (tmp_path / "model_last.pth").exists()
+
+
+def test_finite_gradients_are_clipped_as_clip_grad_norm_clips_them():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 5)
+    for net in (a, b):
+        (net(x) ** 2).sum().backward()
+    norm = torch.cat([p.grad.flatten() for p in a.parameters()]).norm()
+    assert norm > 0.5
+    training._finite_gradients(a, 0.5, "here", ["case"])
+    torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert torch.cat([p.grad.flatten() for p in a.parameters()]).norm() == pytest.approx(0.5, rel=1e-5)
+
+
 def test_a_truncated_case_file_is_one_line_in_train_and_test(tiny_cohort, tmp_path, capsys):
     npy = tmp_path / "npy"
     shutil.copytree(tiny_cohort[1], npy)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.inference import sliding_window, window_starts
+from utils.amp import guard_cpu_bf16_convs
 from models import build_model
 from utils.io import write_csv
 from utils.losses import one_hot, region_targets, segmentation_loss, soft_dice_loss, weighted_cross_entropy
@@ -287,3 +288,26 @@ def test_csv_floats_read_back_exactly_and_formats_apply_per_column(tmp_path):
     assert [float(r["x"]) for r in back] == [float(v) for v in values]  # no rounding, no 'np.float64(...)'
     assert [r["p"] for r in back] == ["2.00e-12", "4.00e-12", "6.00e-12", "8.00e-12", "1.00e-11"]
     assert [r["n"] for r in back] == ["0", "1", "2", "3", "4"] and not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_guarded_convs_give_the_float32_weight_gradient_at_depth_2_and_keep_bf16_elsewhere(depth):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(32, 8, 3, padding=1)
+    assert guard_cpu_bf16_convs(torch.nn.Sequential(conv, torch.nn.ReLU())) == 1
+    x = torch.randn(1, 32, depth, 4, 4)
+    g = torch.randn(1, 8, depth, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        with torch.no_grad():
+            assert conv(x).dtype == torch.bfloat16  # inference keeps bf16
+    (y.float() * g).sum().backward()
+    assert y.dtype == (torch.float32 if depth == 2 else torch.bfloat16)
+    w = conv.weight.detach().clone().requires_grad_()
+    if depth == 2:  # float32 throughout: the float32 gradient, exactly as F.conv3d gives it
+        ref = torch.nn.functional.conv3d(x, w, conv.bias.detach(), padding=1)
+    else:  # bf16 inputs and weights, float32 sums
+        ref = torch.nn.functional.conv3d(x.bfloat16().float(), w.bfloat16().float(), conv.bias.detach(), padding=1)
+    (ref * g).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if depth == 2 else dict(rtol=0.05, atol=0.05 * float(w.grad.abs().max()))
+    torch.testing.assert_close(conv.weight.grad, w.grad, **tol)
