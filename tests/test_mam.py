@@ -198,9 +198,9 @@ def test_recipe():
 
 def test_train_poly_clips_the_gradient_and_test_py_runs(tiny_cohort, tmp_path, capsys, monkeypatch):
     norms = []
-    clip = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: norms.append(max_norm)
-                        or clip(params, max_norm))
+    clip = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda params, max_norm, total: norms.append(max_norm)
+                        or clip(params, max_norm, total))
     npy = tiny_cohort[1]
     argv = ["--datapath", npy, "--savepath", str(tmp_path / "run"), "--num_workers", "0", "--no_progress",
             "--model", "mam", "--patch_size", "32", "--width", "2", "--model_args",
