@@ -4,6 +4,7 @@ token order converted, the masking at the skips and the bottleneck, the loss by 
 the recipe (gradient clipping, tumour-centred crops, nnU-Net's augmentation) and the scripts."""
 import csv
 import math
+import zipfile
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from helpers import assert_shared_encoding_matches_forward, script
 from models import ReferenceCheckpointError, build_model, from_reference, to_reference
 from models.reference import reference_state
 from utils.brats import SUBSET_NAMES, SUBSETS
+from utils.pickled import load_weights
 
 TINY = dict(patch_size=32, width=2, max_width=8, heads=2, head_dim=4, mlp_dim=16)  # bottleneck 1^3
 SMALL = dict(TINY, patch_size=64)  # bottleneck 2^3: 32 tokens
@@ -169,13 +171,31 @@ def test_evaluation_encodes_each_window_once_and_gives_the_forward_passes_probab
     assert_shared_encoding_matches_forward(make(**SMALL).eval(), volume, subsets)
 
 
-def test_round_trip_and_refusal(tmp_path):
+def as_numpy1(path):
+    """Rewrite a torch.save file as numpy 1.x writes it: numpy scalars' constructor under its
+    numpy 1 name, numpy.core.multiarray.scalar (the pickle's GLOBAL lines hold module and name)."""
+    with zipfile.ZipFile(path) as z:
+        entries = {i: z.read(i.filename) for i in z.infolist()}
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in entries.items():
+            if info.filename.endswith("data.pkl"):
+                assert b"cnumpy._core.multiarray\nscalar\n" in data
+                data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+            z.writestr(info, data)
+
+
+@pytest.mark.parametrize("numpy1", [False, True])
+def test_round_trip_and_refusal(tmp_path, numpy1):
     model = make(**SMALL).eval()
     path = tmp_path / "checkpoint_best.pth"  # as nnU-Net writes it, numpy numbers in its log
     torch.save({"network_weights": original_state(model), "current_epoch": 499, "best_dice": np.float64(0.8),
                 "init_args": {"configuration": "3d_fullres_multiencoder_recon", "device": torch.device("cpu")},
                 "logging": {"ema_fg_dice": [np.float64(0.7), np.float32(0.8)]},
                 "trainer_name": "nnUNetTrainerMissingReconBaseline"}, path)
+    if numpy1:
+        as_numpy1(path)
+        assert "numpy.core.multiarray.scalar" in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        assert load_weights(str(path))["logging"]["ema_fg_dice"] == [0.7, np.float32(0.8)]
     loaded = from_reference(str(path), "mam", **SMALL).eval()
     x = image(3, 64)
     with torch.no_grad():

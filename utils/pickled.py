@@ -11,9 +11,11 @@ from .errors import first_line
 
 CONVERT = "python -m engine.convert {path} OUT.pth --trust_pickled_code"
 # numpy scalars (a Dice or a loss kept as np.float64, as nnU-Net's log keeps them) are plain
-# numbers: reading them runs no code of the file
-NUMPY_SCALARS = [np._core.multiarray.scalar, np.dtype] + [
-    getattr(np.dtypes, f"{kind}DType") for kind in ("Float64", "Float32", "Float16", "Int64", "Int32", "Bool")]
+# numbers: reading them runs no code of the file. numpy 1.x wrote the scalar's constructor as
+# numpy.core.multiarray.scalar (numpy 2: numpy._core), so a file of either version loads.
+NUMPY_SCALARS = [np._core.multiarray.scalar, (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+                 np.dtype] + [getattr(np.dtypes, f"{kind}DType")
+                              for kind in ("Float64", "Float32", "Float16", "Int64", "Int32", "Bool")]
 
 
 def load_weights(path):
@@ -25,7 +27,7 @@ def load_weights(path):
 def pickled_objects(path):
     """The classes and functions (module.name) a checkpoint file would import when unpickled
     that weights_only loading does not allow; [] for a plain file or one torch cannot list."""
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_SCALARS}
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in NUMPY_SCALARS}
     try:
         return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError):
