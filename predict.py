@@ -46,6 +46,7 @@ from engine.checkpoint import CheckpointError, load_ensemble
 from engine.cli import add_inference_flags, add_model_flags, inference_options, inference_record, model_config
 from engine.comparison import ComparisonError
 from engine.evaluation import predict_ensemble
+from engine.inference import select_device
 from engine.quality import expected_quality, find_results, quality_line
 from utils.brats import LABELS, MODALITIES, MODALITY_NAMES, OUTPUT_ACTIVATION, OUTPUT_CHANNELS, REGIONS, to_labels
 from utils.dicom_seg import write_dicom_seg
@@ -248,7 +249,7 @@ def main(argv=None):
     for path, kind in targets:
         p.check_writable("--output" if kind != "probabilities" else "--probabilities", path)
     options = inference_options(p, args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = select_device(args.device)
     log = lambda line: print(f"predict.py: {line}", file=sys.stderr)  # noqa: E731
     try:
         paths = modality_files(args.input) if args.input else explicit

@@ -23,7 +23,6 @@ import time
 import warnings
 
 import numpy as np
-import torch
 
 from data.datasets import EvalDataset
 from data.preprocessing import CaseError, uncrop
@@ -31,6 +30,7 @@ from engine.checkpoint import CheckpointError, load_ensemble
 from engine.cli import add_inference_flags, add_model_flags, inference_options, inference_record, model_config
 from engine.evaluation import (RESULT_FIELDS, SUMMARY_FIELDS, evaluate, parameters_in_use, summarize,
                                summary_markdown)
+from engine.inference import select_device
 from engine.models import DEFAULT_MODEL
 from utils.brats import parse_subsets, subset_name
 from utils.figures import case_figure
@@ -98,7 +98,7 @@ def main(argv=None):
         subsets = parse_subsets(args.subsets)
     except ValueError as err:
         p.error(str(err))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = select_device(args.device)
     test_file = args.test_file or os.path.join(args.datapath, "splits", "test15splits.csv")
     config = model_config(p, args)
     options = inference_options(p, args)

@@ -208,6 +208,7 @@ class ShaSpec(nn.Module):
         M = len(MODALITIES)
         self.window, self.num_modalities = window, M
         self.shared_weight, self.domain_weight = shared_weight, domain_weight
+        self._zero_cache = None  # (key, skips) of _zero_encoding
         widths = (width, 2 * width, 4 * width, 5 * width)  # 64, 128, 256, 320: layer4 is narrowed
         encoder = lambda: Encoder(widths, tuple(blocks), features, tuple(dilations))  # noqa: E731
         self.shared = encoder()
@@ -266,8 +267,20 @@ class ShaSpec(nn.Module):
         check_input(self, x, mask)
         mask = mask.to(device=x.device, dtype=torch.bool)
         x = x * mask[:, :, None, None, None]
-        zero_skips, _, _ = self.shared(torch.zeros_like(x[:1, :1]))
-        return self._encode(x), zero_skips
+        return self._encode(x), self._zero_encoding(x)
+
+    def _zero_encoding(self, x):
+        """The shared encoder's skips for a zero image of x's window (1, 1, ...). In evaluation
+        without gradients it is computed once per window shape, device, dtype and autocast state and
+        kept while the shared encoder's weights are unchanged (their tensors and versions)."""
+        zero = torch.zeros_like(x[:1, :1])
+        if self.training or torch.is_grad_enabled():
+            return self.shared(zero)[0]
+        key = (zero.shape, zero.device, zero.dtype, torch.is_autocast_enabled(zero.device.type),
+               tuple((p.data_ptr(), p._version) for p in self.shared.parameters()))
+        if self._zero_cache is None or self._zero_cache[0] != key:
+            self._zero_cache = (key, self.shared(zero)[0])
+        return self._zero_cache[1]
 
     def decode(self, features, mask):
         (skips, shared, specific, _), zero_skips = features

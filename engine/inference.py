@@ -13,6 +13,15 @@ WINDOW_WEIGHTS = ("uniform", "gaussian")
 AXES = "xyz"  # the voxel axes, as --tta names them
 
 
+def select_device(name=None):
+    """torch.device(name), by default CUDA when available. On CUDA, cuDNN benchmarks its
+    convolution algorithms once per shape: every window has the model's fixed size."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def window_starts(dim, size, stride):
     """Window starts along an axis of length dim >= size."""
     starts = list(range(0, dim - size + 1, stride))

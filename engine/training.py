@@ -43,6 +43,7 @@ from utils.schedule import LRSchedule, make_optimizer
 
 from .checkpoint import CheckpointError, checkpoint_model, is_own, load_checkpoint, save_checkpoint
 from .evaluation import evaluate
+from .inference import select_device
 from .models import DEFAULT_MODEL, ModelError, build_model, canonical_spec, class_name, constructor_defaults, model_class
 
 LAST, BEST = "model_last.pth", "best.pth"
@@ -151,7 +152,7 @@ class Run:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         local = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = select_device(device)
         if self.device.type == "cuda" and self.device.index is None and self.world > 1:
             self.device = torch.device("cuda", local)
         if self.world > 1:

@@ -17,6 +17,7 @@ from competitors.shaspec import ORIGINAL_ORDER, ShaSpec, WSConv3d, standardize
 from data.datasets import TrainDataset, draw_subset
 from engine import convert
 from engine.checkpoint import CheckpointError, load_model
+from engine.evaluation import predict_subsets
 from helpers import assert_shared_encoding_matches_forward, script
 from models import ReferenceCheckpointError, build_model, from_reference, to_reference
 from models.reference import reference_state
@@ -211,6 +212,24 @@ def test_evaluation_encodes_each_window_once_and_gives_the_forward_passes_probab
     model = make(**PARITY).eval()
     subsets = [SUBSETS[i] for i in (0, 4, 10, 14)]
     assert_shared_encoding_matches_forward(model, image(1, (64, 64, 40))[0], subsets)
+
+
+def test_the_zero_image_encoding_is_computed_once_per_window_until_the_weights_change():
+    model = make(**PARITY).eval()
+    calls = []
+    model.shared.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    volume = image(1, (64, 64, 40))[0]  # 1 x 1 x 2 windows of 64 x 64 x 32
+    subsets = [SUBSETS[0], SUBSETS[14]]
+    predict_subsets(model, volume, subsets)
+    assert calls == [4, 1, 4]  # each window's four images, the zero image once
+    calls.clear()
+    predict_subsets(model, volume, subsets)
+    assert calls == [4, 4]
+    with torch.no_grad():
+        next(model.shared.parameters()).mul_(0.5)  # a new version of one weight: computed again
+    calls.clear()
+    assert_shared_encoding_matches_forward(model, volume, subsets)
+    assert calls[:3] == [4, 1, 4]
 
 
 def test_round_trip_and_refusal(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.inference import sliding_window, window_starts
+from engine.inference import select_device, sliding_window, window_starts
 from utils.amp import guard_cpu_bf16_convs
 from models import build_model
 from utils.io import write_csv
@@ -311,3 +311,9 @@ def test_guarded_convs_give_the_float32_weight_gradient_at_depth_2_and_keep_bf16
     (ref * g).sum().backward()
     tol = dict(rtol=1e-5, atol=1e-5) if depth == 2 else dict(rtol=0.05, atol=0.05 * float(w.grad.abs().max()))
     torch.testing.assert_close(conv.weight.grad, w.grad, **tol)
+
+
+def test_select_device_turns_on_cudnn_benchmarking_only_for_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert select_device("cpu") == torch.device("cpu") and torch.backends.cudnn.benchmark is False
+    assert select_device("cuda:0") == torch.device("cuda", 0) and torch.backends.cudnn.benchmark is True
