@@ -42,7 +42,6 @@ def parser():
     p.add_argument("--resume", help="a model_last.pth / best.pth of train_poly.py to continue")
     p.add_argument("--pretrained", help="start a fresh run from the weights of a train_poly.py checkpoint of the "
                                         "same model that fit (name and shape), e.g. M3AE's pre-training run")
-    p.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and the last)")
     p.add_argument("--num_workers", type=non_negative_int, default=2, help="data-loading processes")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; under "
                                     "torchrun each process takes the GPU of its local rank)")
@@ -55,15 +54,13 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     p.check_writable("--savepath", args.savepath)
-    for flag in ("val_every", "patch_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag} must be positive")
+    if args.patch_size is not None and args.patch_size < 1:
+        p.error("--patch_size must be positive")
     # a resumed run without --model checks its flags against its checkpoint's model
     config = model_config(p, args, check=bool(args.model or not args.resume))
     cfg = TrainConfig(datapath=args.datapath, savepath=args.savepath, model=args.model, model_config=config,
                       recipe=recipe_flags(args), seed=args.seed, train_file=args.train_file,
                       val_file=args.val_file, resume=args.resume, pretrained=args.pretrained,
-                      val_every=args.val_every,
                       num_workers=args.num_workers, device=args.device, amp=args.amp,
                       progress=not args.no_progress)
     try:

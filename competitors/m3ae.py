@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models import register_model
 from models.base import check_input
-from utils.brats import DROP_COUNT_WEIGHTS, MODALITIES, REGIONS
+from utils.brats import DROP_COUNT_WEIGHTS, MODALITIES, REGIONS, SUBSETS
 from utils.losses import region_targets
 from utils.recipe import Recipe
 
@@ -81,11 +81,19 @@ class UNet(nn.Module):
         return out
 
 
-def draw_present(batch, num_modalities, device):
+def draw_present(batch, num_modalities, device, available=None):
     """(batch, M) bool: per sample k modalities dropped, k uniform in 0..M-1, then which ones
-    uniformly (torch's random state)."""
+    uniformly (torch's random state). A sample whose `available` row (B, M) lacks modalities
+    draws from the same law restricted to the subsets of those it has (renormalised), as the
+    data pipeline draws the batch's mask."""
     present = torch.ones(batch, num_modalities, dtype=torch.bool)
     for b in range(batch):
+        if available is not None and not bool(available[b].all()):
+            have = available[b].cpu()
+            allowed = [s for s in SUBSETS if not any(m and not h for m, h in zip(s, have.tolist()))]
+            weights = torch.tensor([DROP_COUNT_WEIGHTS[SUBSETS.index(s)] for s in allowed])
+            present[b] = torch.tensor(allowed[int(torch.multinomial(weights, 1))])
+            continue
         k = int(torch.randint(num_modalities, ()))
         present[b, torch.randperm(num_modalities)[:k]] = False
     return present.to(device)
@@ -105,6 +113,7 @@ class M3AE(nn.Module):
     window positions beyond it (padding) read its border."""
 
     uses_position = True
+    uses_available = True  # the second copy's mask and the masker keep to the modalities a case has
     # Adam lr 3e-4, cosine per epoch. Pre-training: no weight decay, the substitute image at lr
     # 5e-3, 600 epochs, batch 2, no augmentation. Fine-tuning: weight decay 1e-4 (L2), 300
     # epochs, batch 1 (two copies), subsets by the number of dropped modalities uniform 0-3,
@@ -112,7 +121,9 @@ class M3AE(nn.Module):
     recipes = {"pretrain": Recipe(optimizer="adam", lr=3e-4, weight_decay=0.0, schedule="cosine", num_epochs=600,
                                   batch_size=2, augmentations=()),
                "finetune": Recipe(optimizer="adam", lr=3e-4, weight_decay=1e-4, schedule="cosine", num_epochs=300,
-                                  subset_weights=DROP_COUNT_WEIGHTS, augmentations=("intensity", "flip"))}
+                                  subset_weights=DROP_COUNT_WEIGHTS, augmentations=("intensity", "flip"),
+                                  val_every=(25, 50, 75, 100, 125, 150, 175, 200, 225, 250, 260, 270, 275, 280,
+                                             285, 290, 295, 300))}  # the original's 18 validations
 
     # the demo cohort's native grid; two 16^3 mask patches per axis
     small_config = dict(patch_size=32, width=8, native_shape=(64, 64, 48))
@@ -154,6 +165,12 @@ class M3AE(nn.Module):
         return (self.patch_size,) * 3
 
     @property
+    def pretraining_config(self):
+        """The stage before's constructor arguments (--pretrained reads an original pre-training
+        checkpoint with them)."""
+        return {"stage": "pretrain"} if self.stage == "finetune" else None
+
+    @property
     def pretrained_keys(self):
         """What a fresh run must take from a checkpoint of the stage before (--pretrained)."""
         return ("limage",) if self.stage == "finetune" else ()
@@ -179,12 +196,13 @@ class M3AE(nn.Module):
         keep = keep.view(*keep.shape, *(1,) * (x.dim() - keep.dim()))
         return torch.where(keep, x, self.substitute(grid).to(x.dtype))
 
-    def visible_patches(self, batch, device):
+    def visible_patches(self, batch, device, available=None):
         """(B, M, P, P, P) bool, the pre-training mask: per sample k modalities dropped (k
-        uniform in 0..3), then `visible` 16^3 patches of the others drawn uniformly."""
+        uniform in 0..3; among those `available` (B, M) says the case has), then `visible`
+        16^3 patches of the others drawn uniformly."""
         M, n = self.num_modalities, self.patch_size // self.mask_patch
         tokens = torch.zeros(batch, M * n ** 3, dtype=torch.bool)
-        for b, present in enumerate(draw_present(batch, M, "cpu")):
+        for b, present in enumerate(draw_present(batch, M, "cpu", available)):
             candidates = torch.nonzero(present.repeat_interleave(n ** 3))[:, 0]
             tokens[b, candidates[torch.randperm(len(candidates))[:self.visible]]] = True
         tokens = tokens.view(batch, M, n, n, n)
@@ -192,7 +210,9 @@ class M3AE(nn.Module):
             tokens = tokens.repeat_interleave(self.mask_patch, axis)
         return tokens.to(device)
 
-    def forward(self, x, mask, grid):
+    def forward(self, x, mask, grid, available=None):
+        """available (B, M): in training, the modalities each case has (default: all); the
+        second copy's mask and the pre-training masker keep to them."""
         check_input(self, x, mask)
         mask, grid = mask.to(device=x.device, dtype=torch.bool), grid.to(x.device)
         if self.stage == "pretrain":
@@ -200,11 +220,11 @@ class M3AE(nn.Module):
                 return self.unet(self.fill(x, mask, grid))[-1]
             S = self.limage
             deviation = (S - S.mean((2, 3, 4), keepdim=True)).norm()
-            filled = self.fill(x, self.visible_patches(x.shape[0], x.device), grid)
+            filled = self.fill(x, self.visible_patches(x.shape[0], x.device, available), grid)
             return {"reconstruction": self.unet(filled)[-1], "deviation": deviation}
         if not self.training:
             return torch.sigmoid(self.unet(self.fill(x, mask, grid))[-1])
-        masks = torch.cat([mask, draw_present(x.shape[0], self.num_modalities, x.device)])
+        masks = torch.cat([mask, draw_present(x.shape[0], self.num_modalities, x.device, available)])
         return {"logits": self.unet(self.fill(x.repeat(2, 1, 1, 1, 1), masks, grid.repeat(2, 1, 1)), True)}
 
     def loss(self, outputs, batch):

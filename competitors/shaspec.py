@@ -194,7 +194,12 @@ class ShaSpec(nn.Module):
     recipe = Recipe(optimizer="sgd", optimizer_args={"momentum": 0.99, "nesterov": True}, lr=1e-2,
                     weight_decay=0.0, schedule="poly_iteration", num_epochs=464, warmup_epochs=280,
                     subset_weights=DROP_COUNT_WEIGHTS,
-                    augmentations=("nnunet_shaspec",), foreground_oversampling=0.5)
+                    augmentations=("nnunet_shaspec",), foreground_oversampling=0.5,
+                    # the original validates at 35 fixed iterations of its warm-up and main runs
+                    # (15k ... 245k; 110k ... 406k from the warm-up's start; 33 distinct): after the
+                    # epoch of 875 iterations that reaches each
+                    val_every=(18, 35, 75, 115, 126, 138, 149, 155, 172, 195, 206, 218, 229, 235, 240, 252, 263,
+                               269, 275, 280, 286, 309, 332, 355, 366, 378, 389, 400, 412, 423, 435, 446, 464))
 
     small_config = dict(window=(64, 64, 32), width=8, blocks=(1, 1, 1, 1), features=32, decoder_width=8)
     small_recipe = dict(lr=2e-2, batch_size=2, num_epochs=100, iter_per_epoch=10, warmup_epochs=20)

@@ -121,7 +121,11 @@ class UHVED(nn.Module):
     # Adam (amsgrad), lr 1e-3, L2 1e-5, reduce-on-plateau (torch's defaults) on the validation
     # Dice, 400 epochs, batch 1, uniform subsets, rotation + intensity + flips
     recipe = Recipe(optimizer="adam", optimizer_args={"amsgrad": True}, lr=1e-3, weight_decay=1e-5,
-                    schedule="plateau", num_epochs=400)
+                    schedule="plateau", num_epochs=400,
+                    # the original's 41 validations (the plateau schedule steps at each)
+                    val_every=(5, 10, 15, 20, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75, 90, 100, 110, 125, 150, 175,
+                               200, 225, 250, 260, 270, 275, 280, 285, 290, 295, 300, 310, 320, 330, 340, 350,
+                               360, 370, 380, 390, 400))
 
     small_config = dict(patch_size=32)  # CPU demos (engine/small.py)
     small_recipe = dict(lr=5e-3, batch_size=2, num_epochs=40, iter_per_epoch=10)

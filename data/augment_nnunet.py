@@ -1,8 +1,9 @@
 """nnU-Net-style training augmentation from batchgeneratorsv2 (the library nnU-Net v2 uses), with
 two parameter sets: ShaSpec's (build_transforms' defaults: its training script, billhhh/ShaSpec
 BraTSDataSet.get_train_transform on batchgenerators 0.21, run through the v2 transforms) and
-nnU-Net v2's default 3-D augmentation (NNUNET_V2, for Missing as Masking), composed as nnU-Net
-v2's get_training_transforms composes them.
+nnU-Net 2.2.1's default 3-D augmentation (NNUNET_221, the nnU-Net version Missing as Masking's
+code is built on, whose get_training_transforms uses batchgenerators v1), composed as nnU-Net
+composes them.
 
 Images are (M, X, Y, Z) float32 crops already of the model's window, labels (X, Y, Z) integer
 maps; a transform pipeline is built once per window (and per parameter set) and reused.
@@ -166,16 +167,20 @@ def apply_transforms(transforms, image, label, rng):
             np.ascontiguousarray(data["segmentation"][0].numpy()))
 
 
-# nnU-Net v2's default 3-D augmentation (nnUNetTrainer.get_training_transforms, isotropic patch):
-# rotation +-30 degrees, scaling 0.7-1.4 drawn uniformly, no elastic deformation, blur sigma per
-# axis, brightness drawn as contrast is, no additive brightness, gamma of the inverted image too.
-NNUNET_V2 = dict(p_elastic=0., max_rotation_deg=30., scaling=(0.7, 1.4), synchronize_blur_axes=False,
-                 brightness=BGContrast((0.75, 1.25)), p_additive=0., p_gamma_inverted=0.1, p_gamma=0.3)
+# nnU-Net 2.2.1's default 3-D augmentation (nnUNetTrainer.get_training_transforms on
+# batchgenerators v1, isotropic patch): no elastic deformation, rotation +-30 degrees, scaling in
+# (0.7, 1.4) drawn below or above 1 with probability 1/2 each (v1's draw), one blur sigma for all
+# axes, brightness uniform in (0.75, 1.25), no additive brightness, gamma of the inverted image
+# (p 0.1) and of the image (p 0.3). Not matched: v1 resamples the image and the low-resolution
+# channels cubically (grid_sample has no cubic 3-D mode: trilinear here) and fills rotated-in
+# voxels with 0 (the border here).
+NNUNET_221 = dict(p_elastic=0., max_rotation_deg=30., scaling=BGContrast((0.7, 1.4)), synchronize_blur_axes=True,
+                  brightness=(0.75, 1.25), p_additive=0., p_gamma_inverted=0.1, p_gamma=0.3)
 
 
 @functools.cache
 def _transforms(patch_size, name):
-    return build_transforms(patch_size, **(NNUNET_V2 if name == "nnunet" else {}))
+    return build_transforms(patch_size, **(NNUNET_221 if name == "nnunet" else {}))
 
 
 def nnunet_shaspec(image, label, rng):
@@ -185,5 +190,5 @@ def nnunet_shaspec(image, label, rng):
 
 
 def nnunet_default(image, label, rng):
-    """nnU-Net v2's default 3-D augmentation (NNUNET_V2) of one crop, as nnunet_shaspec."""
+    """nnU-Net 2.2.1's default 3-D augmentation (NNUNET_221) of one crop, as nnunet_shaspec."""
     return apply_transforms(_transforms(tuple(image.shape[1:]), "nnunet"), image, label, rng)

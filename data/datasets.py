@@ -171,6 +171,7 @@ class TrainDataset(Dataset):
         else:
             mask = draw_subset(rng, subsets, self.weights[index])
         sample = _sample(image.astype(np.float32), label, mask, name)
+        sample["available"] = torch.tensor(max(subsets, key=sum), dtype=torch.bool)  # what the case has
         if self.origins is not None:  # a flipped axis starts at the crop's last voxel
             first = [o + s + (w - 1 if f else 0)
                      for o, s, w, f in zip(self.origins[index], start, image.shape[1:], flipped)]

@@ -102,6 +102,12 @@ def _grad_clip(text):
     return _recipe_value("grad_clip", float(text))
 
 
+def _val_every(text):
+    """N, or comma-separated epochs."""
+    values = tuple(int(v) for v in text.split(","))
+    return _recipe_value("val_every", values if "," in text else values[0])
+
+
 def _int_from(minimum, words):
     """An argparse type: an integer of at least `minimum`."""
     def parse(text):
@@ -176,6 +182,8 @@ RECIPE_FLAGS = {  # recipe field -> (argparse keyword arguments, help)
                                 "probability of a crop centred on a tumour voxel"),
     "warmup_epochs": (dict(type=non_negative_int), "first epochs with every modality present"),
     "grad_clip": (dict(type=_grad_clip, metavar="NORM|none"), "clip the gradient norm before each step"),
+    "val_every": (dict(type=_val_every, metavar="N|E1,E2,..."),
+                  "validate every N epochs, or after the epochs listed (1-based); always after the last"),
 }
 assert set(RECIPE_FLAGS) == {f.name for f in dataclasses.fields(Recipe)}
 

@@ -34,11 +34,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from data.datasets import EvalDataset, TrainDataset
 from data.sampling import EpochSampler
+from models import ReferenceCheckpointError, from_reference
 from utils.amp import guard_cpu_bf16_convs
 from utils.brats import SEGMENTATION_KINDS
 from utils.errors import first_line
 from utils.progress import progress_bar
-from utils.recipe import Recipe
+from utils.recipe import Recipe, format_value
 from utils.schedule import LRSchedule, make_optimizer
 
 from .checkpoint import CheckpointError, checkpoint_model, is_own, load_checkpoint, save_checkpoint
@@ -48,6 +49,7 @@ from .models import DEFAULT_MODEL, ModelError, build_model, canonical_spec, clas
 
 LAST, BEST = "model_last.pth", "best.pth"
 # what a resumed run reads besides the model: key -> type
+RESUME_CHANGES = ("num_epochs", "val_every")  # recipe fields a resumed run may change
 RESUMED = {"optim_dict": dict, "seed": int, "epoch": int, "iteration": int, "sums": dict, "step": int,
            "val_Dice_best": (int, float)}
 DEFAULT_SEED = 999
@@ -71,7 +73,6 @@ class TrainConfig:
     val_file: str = None  # default <datapath>/splits/val15splits.csv; "" for no validation
     resume: str = None
     pretrained: str = None  # a train_poly.py checkpoint whose fitting weights start a fresh run
-    val_every: int = 1
     num_workers: int = 2
     device: str = None  # default cuda when available
     amp: bool = False  # bf16 autocast
@@ -215,39 +216,51 @@ def _identity(cfg, ckpt):
 
 def _recipe(cfg, ckpt, model):
     """(effective recipe, where it came from, in words): the model's with the flags' values,
-    or when resuming the checkpoint's (a flag that contradicts it refused, --num_epochs
-    excepted)."""
+    or when resuming the checkpoint's (a flag that contradicts it refused, --num_epochs and
+    --val_every excepted; a checkpoint written before val_every was recorded takes the
+    model's)."""
     given = ", ".join(f"--{k}" for k in cfg.recipe)
     if ckpt is None or "recipe" not in ckpt:  # a fresh run, or a checkpoint written before recipes
         source = f"{cfg.resume}: no recorded recipe; " if ckpt is not None else ""
         source += f"{model.__class__.__name__}'s recipe" + (f" with {given} from the command line" if given else "")
         return model.recipe.replace(**cfg.recipe), source
-    recipe = Recipe.from_dict(ckpt["recipe"])
+    recipe = Recipe.from_dict({"val_every": model.recipe.val_every, **ckpt["recipe"]})
     for key, value in cfg.recipe.items():
-        if key != "num_epochs" and getattr(recipe, key) != value:
+        if key not in RESUME_CHANGES and getattr(recipe, key) != value:
             raise TrainingError(f"{cfg.resume}: the run's recipe has {key}={getattr(recipe, key)!r}; a "
-                                f"resumed run keeps its recipe (only --num_epochs may change)")
+                                f"resumed run keeps its recipe (only --num_epochs and --val_every may change)")
     source = f"the recipe of {cfg.resume}"
-    if "num_epochs" in cfg.recipe and cfg.recipe["num_epochs"] != recipe.num_epochs:
-        source += f", num_epochs {recipe.num_epochs} -> {cfg.recipe['num_epochs']} by --num_epochs"
-        recipe = recipe.replace(num_epochs=cfg.recipe["num_epochs"])
+    for key in RESUME_CHANGES:
+        if key in cfg.recipe and cfg.recipe[key] != getattr(recipe, key):
+            source += f", {key} {format_value(getattr(recipe, key))} -> {format_value(cfg.recipe[key])} by --{key}"
+            recipe = recipe.replace(**{key: cfg.recipe[key]})
     return recipe, source
 
 
-def load_pretrained(model, spec, path):
-    """Copy into `model` (of spec) every tensor of the train_poly.py checkpoint at `path` (a
-    model of the same class) whose name and shape it has; returns what was taken, in words."""
+def load_pretrained(model, spec, config, path):
+    """Copy into `model` (of spec, built with config) every tensor of the checkpoint at `path`
+    whose name and shape it has: a train_poly.py checkpoint of the same class, or an original
+    checkpoint of the stage before (for a model with `pretraining_config`, read with
+    from_reference); returns what was taken, in words."""
     ckpt = load_checkpoint(path)
+    stage_before = getattr(model, "pretraining_config", None)
     if not is_own(ckpt):
-        raise CheckpointError(f"{path}: --pretrained takes a train_poly.py checkpoint (no model name and "
-                              "configuration here)")
-    if class_name(ckpt["model"]) != class_name(spec):
+        if stage_before is None:
+            raise CheckpointError(f"{path}: --pretrained takes a train_poly.py checkpoint (no model name and "
+                                  "configuration here)")
+        try:
+            source = from_reference(ckpt, spec, **{**config, **stage_before})
+        except (ReferenceCheckpointError, ModelError) as err:
+            raise CheckpointError(f"{path}: not a train_poly.py checkpoint, nor an original one of the stage "
+                                  f"before ({first_line(err)})")
+    elif class_name(ckpt["model"]) != class_name(spec):
         raise CheckpointError(f"{path}: holds a {ckpt['model']} model; --pretrained needs one of {spec}")
-    try:  # the checkpoint's weights must be those of the model it names
-        source = build_model(spec, **ckpt["config"])
-        source.load_state_dict(ckpt["state_dict"])
-    except (ModelError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: does not fit its own model {ckpt['model']} ({first_line(err)})")
+    else:
+        try:  # the checkpoint's weights must be those of the model it names
+            source = build_model(spec, **ckpt["config"])
+            source.load_state_dict(ckpt["state_dict"])
+        except (ModelError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: does not fit its own model {ckpt['model']} ({first_line(err)})")
     own = model.state_dict()
     taken = {k: v for k, v in source.state_dict().items() if k in own and v.shape == own[k].shape}
     lacking = [k for k in getattr(model, "pretrained_keys", ()) if k not in taken]
@@ -281,7 +294,7 @@ def _start(cfg, device, log):
     recipe, source = _recipe(cfg, ckpt, model)
     state = RunState(spec, config, recipe, seed, pretrained=cfg.pretrained)
     if cfg.pretrained:
-        log(load_pretrained(model, spec, cfg.pretrained))
+        log(load_pretrained(model, spec, config, cfg.pretrained))
     elif ckpt is None and getattr(model, "pretrained_keys", ()):
         raise TrainingError(f"model {spec} {config}: starts from a checkpoint of the stage before, for "
                             f"{', '.join(model.pretrained_keys)}: give --pretrained CKPT")
@@ -388,7 +401,7 @@ def _train(cfg, run, log):
                 line = (f"epoch {epoch + 1}/{recipe.num_epochs}: loss {means['loss']:.4f} ({parts}"
                         f"lr {lr:.2e}, {time.perf_counter() - start:.0f} s)")
                 state.epoch, state.iteration, state.sums = epoch, 0, {}
-                if val_set is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == recipe.num_epochs):
+                if val_set is not None and recipe.validates_after(epoch + 1):
                     line += _validate_epoch(cfg, run, model, schedule, val_set, writer, state, save)
                 save(last)
                 log(line)
@@ -419,11 +432,12 @@ def _train_epoch(cfg, run, net, model, optimizer, schedule, loader, writer, stat
         schedule.start_iteration(epoch, i)
         torch.manual_seed(iteration_seed(state.seed, epoch, i, run.rank))
         names = batch["name"]
-        batch = {k: batch[k].to(run.device, non_blocking=True) for k in ("image", "label", "mask", "grid")
+        batch = {k: batch[k].to(run.device, non_blocking=True) for k in ("image", "label", "mask", "grid", "available")
                  if k in batch}
         inputs = [batch[k] for k in ("image", "mask", "grid") if k in batch]
+        extra = {"available": batch["available"]} if getattr(model, "uses_available", False) else {}
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            loss, parts = _checked(model.loss(net(*inputs), batch), state.model)
+            loss, parts = _checked(model.loss(net(*inputs, **extra), batch), state.model)
         if not torch.isfinite(loss):
             raise TrainingError(f"epoch {epoch + 1}, iteration {i + 1}: the loss is {loss.item()} "
                                 f"(cases {', '.join(names)}); lower --lr or check the data")

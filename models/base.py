@@ -31,12 +31,21 @@ of its own (`train_poly.py --model my_model.py:MyNet`). A model is an nn.Module 
                    grid where the crop was padded). Training then takes only augmentations
                    that keep voxels on the grid, and every case needs its crop box
                    (meta/<case>.json); evaluation runs one forward pass per subset.
+    uses_available   (optional, default False)
+                   True when training draws modality masks of its own (beyond the batch's):
+                   forward then gets the keyword argument available (B, 4) bool in training,
+                   the modalities each case has (a natively missing one is all zeros), so
+                   that its draws keep to them as the batch's mask does.
     optimizer_groups(recipe)   (optional)
                    the optimiser's parameter groups (dicts with "params", optionally their
                    own "lr"); default: every parameter, at the recipe's lr
     pretrained_keys   (optional, default ())
                    state keys a fresh training run must take from a checkpoint of an earlier
                    stage (train_poly.py --pretrained; refused without)
+    pretraining_config   (optional, default None)
+                   the constructor arguments that turn this configuration into the stage
+                   before's: --pretrained then also reads an original checkpoint of that stage
+                   (with from_reference)
     unused_parameters   (optional, default False)
                    True when a training step may leave parameters without a gradient (e.g.
                    the encoders of absent modalities); distributed training then looks for

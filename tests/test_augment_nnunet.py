@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.augment_nnunet import apply_transforms, build_transforms, nnunet_shaspec
+from batchgeneratorsv2.transforms.intensity.contrast import BGContrast
+
+from data.augment_nnunet import _transforms, apply_transforms, build_transforms, nnunet_shaspec
 
 WINDOW = (32, 32, 16)
 SPATIAL = ("p_elastic", "p_rotation", "p_scaling")
@@ -153,3 +155,33 @@ def test_each_transform_fires_at_its_default_probability():
         changed = sum(not np.array_equal(apply_transforms(alone, image, label, np.random.default_rng(s))[0], image)
                       for s in range(n))
         assert within(changed, n, p), (name, changed / n, p)
+
+
+def test_the_nnunet_pipeline_has_nnunet_2_2_1_s_parameters():
+    """nnU-Net 2.2.1's get_training_transforms (batchgenerators v1), written out independently:
+    rotation +-30 degrees p 0.2 about every axis, one scaling factor in (0.7, 1.4) drawn below or
+    above 1 with probability 1/2 each, p 0.2, no elastic deformation; noise p 0.1 (0-0.1); blur
+    p 0.2, sigma 0.5-1 per channel (p 0.5 each), one sigma for all axes; brightness uniform
+    0.75-1.25 p 0.15; contrast p 0.15; low resolution p 0.25, zoom 0.5-1, per channel p 0.5;
+    gamma 0.7-1.5 of the inverted image p 0.1 and of the image p 0.3, statistics kept; mirroring."""
+    spatial, *rest = _transforms((32, 32, 32), "nnunet").transforms
+    assert spatial.p_elastic_deform == 0 and spatial.p_rotation == 0.2 and spatial.p_rot_per_axis == 1
+    assert np.allclose(spatial.rotation, (-np.pi / 6, np.pi / 6))
+    assert spatial.p_scaling == 0.2 and spatial.p_synchronize_scaling_across_axes == 1
+    assert isinstance(spatial.scaling, BGContrast) and spatial.scaling.contrast_range == (0.7, 1.4)
+    probabilities = {type(t.transform).__name__ + ("_inverted" if getattr(t.transform, "p_invert_image", 0) else ""):
+                     t.apply_probability for t in rest[:-1]}
+    assert probabilities == {"GaussianNoiseTransform": 0.1, "GaussianBlurTransform": 0.2,
+                             "MultiplicativeBrightnessTransform": 0.15, "ContrastTransform": 0.15,
+                             "SimulateLowResolutionTransform": 0.25, "GammaTransform_inverted": 0.1,
+                             "GammaTransform": 0.3}
+    noise, blur, brightness, contrast, lowres, inverted, gamma = (t.transform for t in rest[:-1])
+    assert noise.noise_variance == (0., 0.1)
+    assert blur.blur_sigma == (0.5, 1.) and blur.synchronize_axes and not blur.synchronize_channels
+    assert blur.p_per_channel == 0.5
+    assert brightness.multiplier_range == (0.75, 1.25)  # v1 draws it uniformly
+    assert isinstance(contrast.contrast_range, BGContrast) and contrast.contrast_range.contrast_range == (0.75, 1.25)
+    assert lowres.scale == (0.5, 1.) and lowres.p_per_channel == 0.5 and lowres.synchronize_axes
+    for g in (inverted, gamma):
+        assert isinstance(g.gamma, BGContrast) and g.gamma.contrast_range == (0.7, 1.5) and g.p_retain_stats == 1
+    assert type(rest[-1]).__name__ == "MirrorTransform" and rest[-1].allowed_axes == (0, 1, 2)

@@ -128,7 +128,7 @@ def test_dropout_keeps_to_the_modalities_a_case_has(cohort):
         for epoch in range(60):
             ds.set_epoch(epoch)
             seen.add(tuple(ds[0]["mask"].tolist()))
-        assert seen == {s for s in SUBSETS if not s[1]}
+        assert seen == {s for s in SUBSETS if not s[1]} and ds[0]["available"].tolist() == [True, False, True, True]
     finally:
         meta["present"] = [True] * 4
         meta_path.write_text(json.dumps(meta))

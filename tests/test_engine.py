@@ -72,7 +72,7 @@ def test_own_model_trains_with_its_recipe_a_flag_overrides_and_the_resume_keeps_
 
     # a flag that contradicts the recorded recipe, and a checkpoint whose model is not named
     assert train(npy, tmp_path, "--model", OWN, "--resume", last, "--lr", "5e-3") == 1
-    one_line(capsys, "train_poly.py", "recipe has lr=0.002", "only --num_epochs may change")
+    one_line(capsys, "train_poly.py", "recipe has lr=0.002", "only --num_epochs and --val_every may change")
     assert train(npy, tmp_path, "--resume", last) == 1
     one_line(capsys, "train_poly.py", "is not part of this project", f"--model {OWN}")
     assert load_checkpoint(last)["step"] == 4  # refused runs wrote nothing

@@ -12,6 +12,7 @@ from scipy import stats
 
 import competitors  # noqa: F401  (registers the competitors)
 import reference_m3ae as R
+from competitors import m3ae
 from competitors.m3ae import ORIGINAL_ORDER, M3AE, draw_present
 from engine.evaluation import parameters_in_use
 from helpers import script
@@ -127,6 +128,40 @@ def test_the_drop_count_law():
     assert stats.chisquare(counts, np.full(15, n / 15)).pvalue < 1e-6  # not uniform over the subsets
 
 
+def test_draws_keep_to_the_modalities_a_case_has_with_the_law_restricted_to_them():
+    torch.manual_seed(0)
+    n = 3000
+    available = torch.tensor([[True, False, True, True]]).repeat(n, 1)  # T1c natively missing
+    present = draw_present(n, 4, "cpu", available)
+    allowed = [s for s in SUBSETS if not s[1]]
+    index = {s: i for i, s in enumerate(allowed)}
+    counts = np.bincount([index[tuple(p)] for p in present.tolist()], minlength=len(allowed))  # KeyError if T1c
+    law = np.array([DROP_COUNT_WEIGHTS[SUBSETS.index(s)] for s in allowed])
+    assert stats.chisquare(counts, law / law.sum() * n).pvalue > 1e-3
+    torch.manual_seed(1)
+    full = draw_present(50, 4, "cpu", torch.ones(50, 4, dtype=torch.bool))
+    torch.manual_seed(1)
+    assert torch.equal(full, draw_present(50, 4, "cpu"))  # complete cases: the law and draws unchanged
+
+
+def test_the_second_copy_and_the_masker_never_use_a_natively_missing_modality():
+    x, g = image(2), grid([(0, 0, 0), (4, 4, 4)])
+    available = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    mask = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    model = make().train()
+    seen = []
+    model.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    substitute = model.substitute(g).detach()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        model(x, mask, g, available=available)
+        assert torch.equal(seen[-1][2, 3], substitute[0, 3])  # the second copy of case 0 never has T2
+    pre = make(stage="pretrain").train()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        assert not pre.visible_patches(2, "cpu", available)[0, 3].any()
+
+
 def test_the_masker_keeps_256_patches_visible_at_128_none_of_a_dropped_modality():
     with torch.device("meta"):
         model = M3AE(stage="pretrain")
@@ -143,7 +178,7 @@ def test_the_masker_keeps_256_patches_visible_at_128_none_of_a_dropped_modality(
     present = torch.tensor([[True, False, True, False]])
     torch.manual_seed(2)
     with pytest.MonkeyPatch.context() as mp:  # the masker's own modality draw replaced by a known one
-        mp.setattr("competitors.m3ae.draw_present", lambda batch, M, device: present)
+        mp.setattr("competitors.m3ae.draw_present", lambda batch, M, device, available=None: present)
         visible = model.visible_patches(1, "cpu")
     assert not visible[0, 1].any() and not visible[0, 3].any() and visible.sum() == 256 * 16 ** 3
 
@@ -251,8 +286,10 @@ def test_round_trip_through_the_original_format_and_refusals():
         from_reference(to_reference(pre), "m3ae", **TINY)
 
 
-def test_both_stages_through_the_scripts(tiny_cohort, tmp_path, capsys):
+def test_both_stages_through_the_scripts(tiny_cohort, tmp_path, capsys, monkeypatch):
     npy = tiny_cohort[1]
+    draws, draw = [], m3ae.draw_present
+    monkeypatch.setattr(m3ae, "draw_present", lambda *args: draws.append(args[3]) or draw(*args))
     common = ["--datapath", npy, "--num_workers", "0", "--no_progress", "--model", "m3ae", "--patch_size", "32",
               "--width", "8", "--model_args", '{"native_shape": [40, 36, 32]}', "--num_epochs", "1",
               "--iter_per_epoch", "2"]
@@ -273,6 +310,7 @@ def test_both_stages_through_the_scripts(tiny_cohort, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "111 of 117 tensors; initial: unet.head.weight, unet.head.bias, unet.ds_heads.0.weight" in out
     assert "distill" in out and "validation Dice" in out
+    assert draws and all(a.dtype == torch.bool and a.shape[1] == 4 and a.all() for a in draws)  # what the cases have
     tuned = torch.load(fine / "model_last.pth", weights_only=True)
     assert torch.equal(tuned["state_dict"]["limage"], ckpt["state_dict"]["limage"])  # frozen
     assert tuned["pretrained"] == start
@@ -287,6 +325,22 @@ def test_both_stages_through_the_scripts(tiny_cohort, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a segmentation" in err[0] and "--pretrained" in err[0]
     assert not (tmp_path / "eval2").exists()
+    # an original pre-training checkpoint (the original's layout and names) starts fine-tuning directly
+    pre_model = build_model("m3ae", **ckpt["config"])
+    pre_model.load_state_dict(ckpt["state_dict"])
+    original = tmp_path / "model_1model_best_599.pth.tar"
+    to_reference(pre_model, str(original))
+    assert script("train_poly").main(common + ["--savepath", str(tmp_path / "fine2"), "--pretrained",
+                                               str(original)]) == 0
+    assert "111 of 117 tensors" in capsys.readouterr().out
+    again = torch.load(tmp_path / "fine2" / "model_last.pth", weights_only=True)
+    assert torch.equal(again["state_dict"]["limage"], ckpt["state_dict"]["limage"])
+    finetuned = tmp_path / "finetuned.pth.tar"  # an original fine-tuning checkpoint is not the stage before
+    to_reference(build_model("m3ae", **tuned["config"]), str(finetuned))
+    assert script("train_poly").main(common + ["--savepath", str(tmp_path / "fine3"), "--pretrained",
+                                               str(finetuned)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nor an original one of the stage before" in err[0]
 
 
 def test_pretraining_resumes_as_the_uninterrupted_run(tiny_cohort, tmp_path):

@@ -337,6 +337,21 @@ def test_amp_trains_in_bf16_autocast_with_float32_weights(tiny_cohort, tmp_path)
     assert any(not torch.equal(v, initial[k]) for k, v in ckpt["state_dict"].items())
 
 
+def test_the_validation_schedule_is_the_recipe_s_recorded_and_may_change_on_resume(tiny_cohort, tmp_path, capsys):
+    args = ["--iter_per_epoch", "1", "--val_every", "2,3,5"]
+    assert train(tiny_cohort[1], tmp_path, "--num_epochs", "4", *args) == 0
+    out = capsys.readouterr().out.splitlines()
+    validated = [line.split(":")[0] for line in out if line.startswith("epoch") and "validation Dice" in line]
+    assert validated == ["epoch 2/4", "epoch 3/4", "epoch 4/4"]  # listed, and the last
+    ckpt = last(tmp_path)
+    assert ckpt["recipe"]["val_every"] == (2, 3, 5)
+    assert train(tiny_cohort[1], tmp_path, "--num_epochs", "6", "--iter_per_epoch", "1", "--val_every", "6",
+                 "--resume", str(tmp_path / "model_last.pth")) == 0
+    out = capsys.readouterr().out
+    assert "val_every 2,3,5 -> 6 by --val_every" in out and out.count("; validation Dice") == 1
+    assert last(tmp_path)["recipe"]["val_every"] == 6
+
+
 def test_a_step_with_non_finite_gradients_is_refused_in_one_line(tiny_cohort, tmp_path, monkeypatch, capsys):
     build = training.build_model
 

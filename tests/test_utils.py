@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import competitors  # noqa: F401  (registers the competitors)
 from engine.inference import select_device, sliding_window, window_starts
-from utils.amp import guard_cpu_bf16_convs
+from engine.models import model_class
 from models import build_model
+from utils.amp import guard_cpu_bf16_convs
 from utils.io import write_csv
 from utils.losses import one_hot, region_targets, segmentation_loss, soft_dice_loss, weighted_cross_entropy
 from utils.metrics import HD95_ONE_EMPTY, brats_metrics, hd95
@@ -124,7 +126,9 @@ def test_optimizers_take_their_arguments():
     ({"optimizer": "lion"}, "optimizer 'lion'"), ({"schedule": "cosine", "schedule_args": {"power": 1}}, "takes no power"),
     ({"subset_weights": (1,) * 14}, "15 non-negative"), ({"subset_weights": (0,) * 15}, "not all zero"),
     ({"augmentations": ("elastic",)}, "unknown augmentation 'elastic'"), ({"batch_size": 0}, "batch_size"),
-    ({"foreground_oversampling": 1.5}, "foreground_oversampling"), ({"optimizer_args": {"foo": 1}}, "radam takes no foo")])
+    ({"foreground_oversampling": 1.5}, "foreground_oversampling"), ({"optimizer_args": {"foo": 1}}, "radam takes no foo"),
+    ({"val_every": 0}, "val_every"), ({"val_every": (5, 3)}, "increasing"), ({"val_every": (2, 2)}, "increasing"),
+    ({"val_every": ()}, "val_every"), ({"val_every": (0, 4)}, "val_every")])
 def test_recipe_refuses_bad_values_in_one_line(change, needle):
     with pytest.raises(ValueError, match="recipe: ") as err:
         Recipe(**change)
@@ -317,3 +321,27 @@ def test_select_device_turns_on_cudnn_benchmarking_only_for_cuda(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     assert select_device("cpu") == torch.device("cpu") and torch.backends.cudnn.benchmark is False
     assert select_device("cuda:0") == torch.device("cuda", 0) and torch.backends.cudnn.benchmark is True
+
+
+def test_validation_after_every_n_th_epoch_or_the_listed_ones_and_always_the_last():
+    every = Recipe(num_epochs=10, val_every=4)
+    assert [e for e in range(1, 11) if every.validates_after(e)] == [4, 8, 10]
+    listed = Recipe(num_epochs=10, val_every=[2, 3, 12])  # a list (JSON, a checkpoint) is read as a tuple
+    assert listed.val_every == (2, 3, 12) and [e for e in range(1, 11) if listed.validates_after(e)] == [2, 3, 10]
+    imfuse = Recipe()
+    assert sum(map(imfuse.validates_after, range(1, 1001))) == 27 and imfuse.validates_after(50)
+
+
+@pytest.mark.parametrize("spec,count", [("imfuse", 27), ("mmformer", 27), ("robustseg", 25), ("sfusion", 17),
+                                        ("uhved", 41), ("shaspec", 33), ("mam", 22), ("m3ae", 18)])
+def test_each_model_validates_as_often_as_its_original(spec, count):
+    recipe = getattr(model_class(spec), "recipes", {}).get("finetune") or model_class(spec).recipe
+    epochs = [e for e in range(1, recipe.num_epochs + 1) if recipe.validates_after(e)]
+    assert len(epochs) == count and epochs[-1] == recipe.num_epochs
+    if spec == "shaspec":  # the original's iterations (thousands; warm-up, then main from the warm-up's start)
+        iterations = [15, 30, 65, 100, 135, 170, 205, 220, 235, 240, 245, 110, 120, 130, 150, 170, 180, 190, 200,
+                      210, 220, 230, 250, 270, 290, 310, 320, 330, 340, 350, 360, 370, 380, 390, 406]
+        assert epochs == sorted({math.ceil(k * 1000 / 875) for k in iterations})
+    if spec == "mam":  # nnU-Net counts epochs from 0
+        assert epochs == [e + 1 for e in (20, 50, 70, 100, 120, 150, 200, 250, 300, 350, 370, 390, 400, 420, 450,
+                                          460, 470, 480, 485, 490, 495, 499)]

@@ -6,12 +6,15 @@ effective recipe (`as_dict`), so a resumed run continues with it.
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from .brats import SUBSETS
 from .schedule import OPTIMIZERS, SCHEDULES, optimizer_arguments, settings_problem
 
 AUGMENTATIONS = ("rotation", "intensity", "flip", "nnunet", "nnunet_shaspec")  # data/augment.py
+# the epochs after which the IM-Fuse authors' train_poly.py validates (its val_check)
+IMFUSE_VALIDATION = (50, 100, 150, 200, 300, 400, 500, 600, 700, 800, 850, 900, 910, 920, 930, 940, 950,
+                     955, 960, 965, 970, 975, 980, 985, 990, 995, 1000)
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,9 @@ class Recipe:
     around a random tumour voxel instead of uniformly; warmup_epochs: the first epochs of the
     run, in which every sample has every modality (the case has) before the subset law
     applies (one schedule over the whole run); grad_clip: the largest norm of the gradient
-    of all parameters (clipped before each step), None for no clipping."""
+    of all parameters (clipped before each step), None for no clipping; val_every: validate
+    after every N-th epoch, or after the epochs (1-based) of a tuple, and always after the
+    last (IM-Fuse's: the original's 27 epochs)."""
 
     optimizer: str = "radam"
     optimizer_args: dict = field(default_factory=dict)
@@ -41,9 +46,10 @@ class Recipe:
     foreground_oversampling: float = 0.0
     warmup_epochs: int = 0
     grad_clip: Optional[float] = None
+    val_every: Union[int, tuple] = IMFUSE_VALIDATION
 
     def __post_init__(self):
-        for name in ("subset_weights", "augmentations"):  # lists (from JSON or a checkpoint) as tuples
+        for name in ("subset_weights", "augmentations", "val_every"):  # lists (from JSON or a checkpoint) as tuples
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -90,7 +96,21 @@ class Recipe:
                     "or no modality would ever be dropped: give --warmup_epochs too")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             return f"grad_clip must be positive (or None), got {self.grad_clip!r}"
+        v = self.val_every
+        if isinstance(v, tuple):
+            if not v or any(not isinstance(e, int) or e < 1 for e in v) or list(v) != sorted(set(v)):
+                return f"val_every must be a positive integer or increasing positive epochs, got {v!r}"
+        elif not (isinstance(v, int) and v >= 1):
+            return f"val_every must be a positive integer or increasing positive epochs, got {v!r}"
         return settings_problem(self)
+
+    def validates_after(self, epoch):
+        """Whether the run validates after `epoch` (1-based)."""
+        if epoch == self.num_epochs:
+            return True
+        if isinstance(self.val_every, tuple):
+            return epoch in self.val_every
+        return epoch % self.val_every == 0
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
