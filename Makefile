@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-all bench demo compare clean
+.PHONY: test test-all bench gpu-report demo compare clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ test: $(VENV)/.installed  ## fast test suite (what CI runs)
 
 test-all: $(VENV)/.installed  ## including tests marked slow
 	$(PY) -m pytest -q -m ""
+
+gpu-report: $(VENV)/.installed  ## every GPU figure (CUDA): gpu_report.md, gpu_report.json
+	$(PY) benchmarks/gpu_report.py
 
 bench: $(VENV)/.installed  ## selective-scan, forward-pass, data-loader and subset-evaluation benchmarks
 	$(PY) benchmarks/bench_scan.py

@@ -31,6 +31,40 @@ PAPER = {"imfuse": dict(interleaved=True, mamba_skip=True), "mmformer": {}, "rob
          "shaspec": {}, "uhved": {}, "mam": {}, "m3ae": {}}
 
 
+def step_times(model, device, amp=False, steps=5, warmup=2):
+    """Seconds of each of `steps` training steps (after `warmup` more) of `model` (built, on
+    `device`) on random inputs, batch 1, and the peak memory in bytes (allocated by torch on
+    CUDA, the process's resident set on the CPU)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    model.train()
+    optimizer = make_optimizer(model.recipe, optimizer_parameters(model, model.recipe))
+    x = torch.randn(1, 4, *model.window, device=device)
+    label = torch.randint(0, 4, (1, *model.window), device=device)
+    grid = [torch.tensor([[[0, 1]] * 3], device=device)] if getattr(model, "uses_position", False) else []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(steps + warmup):
+        mask = torch.tensor([SUBSETS[i % len(SUBSETS)]], device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = model.loss(model(x, mask, *grid), {"image": x, "label": label, "mask": mask})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if model.recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), model.recipe.grad_clip)
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return times[warmup:], peak
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="imfuse", choices=sorted(PAPER))
@@ -48,32 +82,12 @@ def main(argv=None):
     torch.manual_seed(0)
     size = dict(window=tuple(args.window)) if args.window else \
         dict(patch_size=args.patch_size) if args.patch_size else {}
-    model = build_model(args.model, **size, **PAPER[args.model], **args.model_args).to(device).train()
-    optimizer = make_optimizer(model.recipe, optimizer_parameters(model, model.recipe))
-    x = torch.randn(1, 4, *model.window, device=device)
-    label = torch.randint(0, 4, (1, *model.window), device=device)
-    times = []
-    for i in range(args.steps + 2):
-        mask = torch.tensor([SUBSETS[i % len(SUBSETS)]], device=device)
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            grid = [torch.tensor([[[0, 1]] * 3], device=device)] if getattr(model, "uses_position", False) else []
-            loss, _ = model.loss(model(x, mask, *grid), {"image": x, "label": label, "mask": mask})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if model.recipe.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), model.recipe.grad_clip)
-        optimizer.step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    times = times[2:]
+    model = build_model(args.model, **size, **PAPER[args.model], **args.model_args).to(device)
+    times, peak = step_times(model, device, args.amp, args.steps)
     if cuda:
-        peak = f"peak allocated {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB ({torch.cuda.get_device_name(device)})"
+        peak = f"peak allocated {peak / 2 ** 30:.1f} GiB ({torch.cuda.get_device_name(device)})"
     else:
-        peak = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB ({torch.get_num_threads()} threads)"
+        peak = f"peak RSS {peak / 2 ** 30:.1f} GiB ({torch.get_num_threads()} threads)"
     print(f"{args.model} {PAPER[args.model]} {args.model_args or ''}, window {'x'.join(map(str, model.window))}, {device}, {'bf16 autocast' if args.amp else 'float32'}, "
           f"scan {args.scan}: median {statistics.median(times):.3f} s per training step over {len(times)} "
           f"(min {min(times):.3f} s); {peak}")

@@ -1,9 +1,15 @@
 """Fixtures shared by the test modules."""
-import pytest
+import os
 
-from data.preprocessing import preprocess_all
-from data.synthetic import make_cohort
-from helpers import P
+# Triton's kernels run on CPU tensors by its interpreter (tests/test_scan_triton.py); the
+# variable is read when triton is first imported, so it is set before anything imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from data.preprocessing import preprocess_all  # noqa: E402
+from data.synthetic import make_cohort  # noqa: E402
+from helpers import P  # noqa: E402
 
 
 @pytest.fixture(scope="session")

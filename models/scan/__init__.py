@@ -4,8 +4,11 @@
     y_t = <C_t, h_t> + D * u_t,  out_t = y_t * silu(z_t),  dt = softplus(delta + delta_bias)
 
 Backends, chosen per call in this order unless named by the `backend` argument or the
-IMFUSE_SCAN_BACKEND environment variable ("auto", "mamba_ssm", "numba", "torch"):
+IMFUSE_SCAN_BACKEND environment variable ("auto", "mamba_ssm", "triton", "numba", "torch"):
   mamba_ssm  mamba-ssm's fused CUDA kernel, when the package imports and tensors are on CUDA;
+  triton     Triton kernels (models/scan/triton_scan.py), compiled at first use on CUDA
+             tensors, nothing to build at install; float32 only. With TRITON_INTERPRET=1 set
+             before the first call they also run (slowly) on CPU tensors, when named;
   numba      the compiled CPU kernel (models/scan/cpu_numba.py), for CPU tensors;
   torch      chunked log-depth scan in plain PyTorch (models/scan/parallel_torch.py), anywhere.
 The scan always runs in float32 (float64 when u is float64), also under autocast.
@@ -15,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-BACKENDS = ("mamba_ssm", "numba", "torch")
+BACKENDS = ("mamba_ssm", "triton", "numba", "torch")
 ENV_VAR = "IMFUSE_SCAN_BACKEND"
 _imports = {}
 
@@ -26,6 +29,8 @@ def _import(name):
         try:
             if name == "mamba_ssm":
                 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
+            elif name == "triton":
+                from .triton_scan import selective_scan_triton as fn
             elif name == "numba":
                 from .cpu_numba import selective_scan_numba as fn
             else:
@@ -41,6 +46,9 @@ def backend_available(name, device):
     device = torch.device(device)
     if name == "mamba_ssm" and device.type != "cuda":
         return False, "mamba-ssm's kernels need CUDA tensors"
+    if name == "triton" and device.type != "cuda" and not (
+            device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False, "Triton's kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
     if name == "numba" and device.type != "cpu":
         return False, "the numba kernel needs CPU tensors"
     fn, reason = _import(name)
@@ -52,8 +60,10 @@ def resolve_backend(backend=None, device="cpu", dtype=torch.float32):
     name = backend or os.environ.get(ENV_VAR) or "auto"
     if name == "auto":
         for candidate in BACKENDS:
-            if candidate == "mamba_ssm" and dtype == torch.float64:
-                continue  # its kernels have no float64
+            if candidate in ("mamba_ssm", "triton") and dtype == torch.float64:
+                continue  # their kernels have no float64
+            if candidate == "triton" and torch.device(device).type != "cuda":
+                continue  # the interpreter is for tests, not for use
             if backend_available(candidate, device)[0]:
                 return candidate
         raise RuntimeError("no selective-scan backend can run here")  # torch always can
