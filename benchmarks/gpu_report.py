@@ -239,7 +239,8 @@ def markdown(report):
     lines += ["", "## Training step (batch 1)", "", "| model | window | parameters | precision | s / step | peak GiB |",
               "|---|---|---|---|---|---|"]
     for r in report["train_steps"]:
-        lines.append(f"| {r['model']} | {r.get('window', '')} | {r.get('parameters', 0):,} | {r['precision']} | "
+        params = f"{r['parameters']:,}" if "parameters" in r else ""
+        lines.append(f"| {r['model']} | {r.get('window', '')} | {params} | {r['precision']} | "
                      + (f"{r['seconds']:.3f} | {r['peak_gib']} |" if "seconds" in r else f"{r['skipped']} | |"))
     lines += ["", "## IM-Fuse per scan backend (float32)", "", "| backend | s / step | peak GiB | max abs output difference |",
               "|---|---|---|---|"]
