@@ -2,6 +2,8 @@
 recurrence (in float64) and the numba kernel. conftest.py sets TRITON_INTERPRET=1 before
 triton is imported."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ pytest.importorskip("triton")
 from models.scan import ENV_VAR, resolve_backend, selective_scan  # noqa: E402
 from models.scan.cpu_numba import selective_scan_numba  # noqa: E402
 from models.scan.triton_scan import selective_scan_triton  # noqa: E402
+from helpers import ROOT  # noqa: E402
 from scan_reference import recurrence  # noqa: E402
 from test_scan import FLAG_IDS, FLAGS, make_inputs  # noqa: E402
 
@@ -114,3 +117,29 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="Triton's kernels need CUDA tensors"):
         resolve_backend("triton", "cpu")
     assert resolve_backend(None, "cuda", torch.float64) != "triton"  # no float64 kernels
+
+
+COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import models.scan.triton_scan as ts
+ints = ["nd", "L", "N", "n_blocks"]
+for fn in (ts._forward_kernel, ts._backward_kernel):
+    names = fn.arg_names
+    for on in (True, False):
+        flags = dict(HAS_D=on, HAS_Z=on, HAS_BIAS=on, SOFTPLUS=on, BLOCK_T=64, BLOCK_N=16)
+        sig = {n: "constexpr" if n in flags else "i32" if n in ints else "*fp32" for n in names}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=flags), target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn.__name__
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_an_h100_without_one(tmp_path):
+    """The interpreter runs the kernels' Python; this compiles them (Triton's own compiler,
+    down to an sm_90 cubin) as a CUDA machine would, which needs no GPU."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", COMPILE], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-2000:]
