@@ -96,7 +96,8 @@ class SFusion(ContentStyleNet):
     # lr 2e-3 without the L2 term: with it (1e-4, added to the gradient that Adam then
     # normalises) weights whose true gradient is small shrink by up to lr per step, the fusion's
     # weight maps decay to uniform, and the sub-regions appear, then vanish (TC 0.25 at epoch 30,
-    # 0 from epoch 40 on); at lr 1e-2 they never appear. Without it: full TC 0.74, ET 0.86
+    # 0 from epoch 40 on); at lr 1e-2 they never appear. Without it one run gave full TC 0.74,
+    # ET 0.86, make compare's (two threads) 0 and 0 again: not settled (docs/models/sfusion.md)
     small_recipe = dict(lr=2e-3, weight_decay=0.0, batch_size=2, num_epochs=60, iter_per_epoch=10)
 
     def __init__(self, num_classes=4, patch_size=128, width=16, style_width=32, style_dim=8, dropout=0.3,
