@@ -35,6 +35,20 @@ def _softplus(v):
 
 
 @triton.jit
+def _channel(A_ptr, D_ptr, bias_ptr, nd, L, N, n_blocks,
+             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (batch, channel), states, their mask, its row of A (BLOCK_N,), D, delta
+    bias, and the offsets of its (b, d) row, its batch's B/C and its block-start states."""
+    b, d = tl.program_id(0), tl.program_id(1)
+    n = tl.arange(0, BLOCK_N)
+    nmask = n < N
+    A_row = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0)
+    D = tl.load(D_ptr + d) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
+    return b, d, n, nmask, A_row, D, bias, (b * nd + d) * L, b * N * L, (b * nd + d) * n_blocks * N
+
+
+@triton.jit
 def _block(u_ptr, delta_ptr, B_ptr, C_ptr, base, bbase, t0, L, A_row, bias, n, nmask,
            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr):
     """Loads of one time block: times, their mask, u, raw and final step sizes, B and C
@@ -59,14 +73,8 @@ def _forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
                     nd, L, N, n_blocks,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                     SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, d = tl.program_id(0), tl.program_id(1)
-    n = tl.arange(0, BLOCK_N)
-    nmask = n < N
-    A_row = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0)  # (BLOCK_N,)
-    D = tl.load(D_ptr + d) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
-    base, bbase = (b * nd + d) * L, b * N * L
-    sbase = (b * nd + d) * n_blocks * N
+    b, d, n, nmask, A_row, D, bias, base, bbase, sbase = _channel(
+        A_ptr, D_ptr, bias_ptr, nd, L, N, n_blocks, HAS_D, HAS_BIAS, BLOCK_N)
     last = tl.arange(0, BLOCK_T) == BLOCK_T - 1
     h = tl.zeros((BLOCK_N,), tl.float32)
     for k in range(0, n_blocks):
@@ -90,14 +98,8 @@ def _backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
                      nd, L, N, n_blocks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, d = tl.program_id(0), tl.program_id(1)
-    n = tl.arange(0, BLOCK_N)
-    nmask = n < N
-    A_row = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0)
-    D = tl.load(D_ptr + d) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
-    base, bbase = (b * nd + d) * L, b * N * L
-    sbase = (b * nd + d) * n_blocks * N
+    b, d, n, nmask, A_row, D, bias, base, bbase, sbase = _channel(
+        A_ptr, D_ptr, bias_ptr, nd, L, N, n_blocks, HAS_D, HAS_BIAS, BLOCK_N)
     steps = tl.arange(0, BLOCK_T)
     g_next = tl.zeros((BLOCK_N,), tl.float32)  # adjoint state at the next block's first step
     dA = tl.zeros((BLOCK_N,), tl.float32)
