@@ -49,7 +49,6 @@ from engine.evaluation import predict_ensemble
 from engine.inference import select_device
 from engine.quality import expected_quality, find_results, quality_line
 from utils.brats import LABELS, MODALITIES, MODALITY_NAMES, OUTPUT_ACTIVATION, OUTPUT_CHANNELS, REGIONS, to_labels
-from utils.dicom_seg import write_dicom_seg
 from utils.figures import report_figure
 from utils.io import atomic_path, nifti_image
 from utils.parser import ArgumentParser
@@ -280,6 +279,7 @@ def main(argv=None):
                     with open(tmp, "w") as f:
                         json.dump(report, f, indent=1)
                 elif kind == "dicom_seg":
+                    from utils.dicom_seg import write_dicom_seg  # pydicom: imported only for a DICOM-SEG
                     write_dicom_seg(tmp, result.labels, result.reference_files, name,
                                     os.path.basename(args.resume[0])[:64])
                 elif kind == "figure":

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import cpu_kernels
 from models.base import check_input
 from models.blocks import mask_modalities
 from utils.losses import segmentation_loss
@@ -32,6 +33,9 @@ class ConvUnit(nn.Module):
 
     def forward(self, x):
         x = F.dropout(self.conv(x), self.dropout, self.training)
+        slope = cpu_kernels.activation_slope(self.act)
+        if self.eps is not None and slope is not None and cpu_kernels.applies(x):  # CPU inference: one pass
+            return cpu_kernels.norm_act_pad(x, self.eps, slope)
         if self.eps is not None:
             x = F.instance_norm(x, eps=self.eps)
         return x if self.act is None else self.act(x)

@@ -23,7 +23,7 @@ from utils.brats import MODALITIES, REGIONS
 from utils.losses import region_targets
 from utils.recipe import Recipe
 
-from .layers import InstanceNorm
+from .layers import InstanceNorm, norm_leaky
 
 # The original's modality order (FLAIR, T1, T1c, T2) as indices of MODALITIES.
 ORIGINAL_ORDER = tuple(MODALITIES.index(m) for m in ("flair", "t1", "t1c", "t2"))
@@ -39,7 +39,7 @@ class ConvNormAct(nn.Module):
         self.norm = InstanceNorm(out_ch)
 
     def forward(self, x):
-        return F.leaky_relu(self.norm(self.conv(x)), 0.01)
+        return norm_leaky(self.conv(x), self.norm, 0.01)
 
 
 def stage(in_ch, out_ch, stride=1):

@@ -25,6 +25,8 @@ from utils.brats import CHECKPOINT_NAMES, MODALITIES
 from utils.losses import one_hot, soft_dice_loss
 from utils.recipe import Recipe
 
+from .layers import norm_leaky
+
 # the original's attribute names of the image decoders, in MODALITIES order
 DECODER_NAMES = ("flair", "t1c", "t1", "t2")
 
@@ -38,7 +40,7 @@ class NormConv(nn.Module):
         self.conv = nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False)
 
     def forward(self, x):
-        return self.conv(F.leaky_relu(self.norm(x), 0.01))
+        return self.conv(norm_leaky(x, self.norm, 0.01))
 
 
 class GaussianEncoder(nn.Module):

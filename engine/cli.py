@@ -45,7 +45,8 @@ def add_model_flags(parser, sizes=True, title="model"):
 
 
 def add_inference_flags(parser):
-    """--resume (one checkpoint or an ensemble), --tta and --window_weight of test.py and predict.py."""
+    """--resume (one checkpoint or an ensemble), --tta, --window_weight and --reference_path of
+    test.py and predict.py."""
     parser.add_argument("--resume", required=True, nargs="+", metavar="CHECKPOINT",
                         help="checkpoint (train_poly.py's or the original code's); several: an ensemble "
                              "(one model kind; their probabilities averaged)")
@@ -55,21 +56,26 @@ def add_inference_flags(parser):
     parser.add_argument("--window_weight", choices=WINDOW_WEIGHTS, default="uniform",
                         help="how overlapping windows are averaged: uniformly (the paper's protocol) or with "
                              "Gaussian weights, sigma 1/8 of the window (nnU-Net's)")
+    parser.add_argument("--reference_path", action="store_true",
+                        help="PyTorch's float32 operators only: none of the fused CPU kernels "
+                             "(models/cpu_kernels.py) that predict and evaluate faster with the same labels")
 
 
 def inference_options(parser, args):
-    """{flips, window_weight} for engine.evaluation from the flags; a bad --tta is a usage error."""
+    """{flips, window_weight, reference_path} for engine.evaluation from the flags; a bad --tta
+    is a usage error."""
     try:
         flips = mirror_flips(args.tta.lower())
     except ValueError as err:
         parser.error(f"--tta: {err}")
-    return {"flips": flips, "window_weight": args.window_weight}
+    return {"flips": flips, "window_weight": args.window_weight, "reference_path": args.reference_path}
 
 
 def inference_record(args, options):
     """What run.json and predict.py's report record of the inference flags."""
     return {"checkpoints": [os.path.abspath(path) for path in args.resume], "tta": args.tta.lower(),
-            "flips": len(options["flips"]), "window_weight": args.window_weight}
+            "flips": len(options["flips"]), "window_weight": args.window_weight,
+            "reference_path": args.reference_path}
 
 
 def model_config(parser, args, check=True):

@@ -4,11 +4,14 @@ once and decoded for every subset when the model has encode/decode, one forward 
 subset otherwise), optionally mirrored, Gaussian-weighted and averaged over an ensemble of
 checkpoints; labels by the model's output kind, BraTS metrics per case and subset, and the
 per-subset summary (the paper's table)."""
+import contextlib
+
 import numpy as np
 import torch
 
 from data.preprocessing import read_meta
 from data.splits import format_mask
+from models import cpu_kernels
 from models.blocks import mask_modalities
 from utils.brats import MODALITIES, OUTPUT_CHANNELS, subset_name, to_labels
 from utils.metrics import brats_metrics
@@ -24,7 +27,7 @@ SUMMARY_FIELDS = ("subset", "mask", "cases") + DICE + HD95
 
 @torch.no_grad()
 def predict_subsets(model, volume, subsets, batch_size=1, progress=False, origin=None, flips=((),),
-                    window_weight="uniform"):
+                    window_weight="uniform", reference_path=False):
     """volume (M, X, Y, Z) -> the model's output maps (S, K, X, Y, Z), one per subset, on the
     model's device. With encode/decode each window is encoded once, with the images of the
     modalities no subset uses set to zero (IM-Fuse skips their encoders), and decoded once per
@@ -34,7 +37,8 @@ def predict_subsets(model, volume, subsets, batch_size=1, progress=False, origin
     native index of the volume's first voxel, from the crop box) + the window's start.
     flips: test-time mirroring (engine.inference.mirror_flips): each window is also predicted
     flipped along the axes of each flip (encoded once per flip), the outputs flipped back and
-    averaged; the default is no mirroring. window_weight: "uniform" or "gaussian" (sliding_window)."""
+    averaged; the default is no mirroring. window_weight: "uniform" or "gaussian" (sliding_window).
+    reference_path: PyTorch's operators only, no fused CPU kernels (models.cpu_kernels)."""
     device = next(model.parameters()).device
     masks = torch.tensor(subsets, dtype=torch.bool, device=device)  # (S, M)
     channels = len(OUTPUT_CHANNELS[model.output_kind])
@@ -70,23 +74,25 @@ def predict_subsets(model, volume, subsets, batch_size=1, progress=False, origin
     def predict(windows, starts=None):
         return sum(predict_flip(windows, starts, flip) for flip in flips) / len(flips)
 
-    return sliding_window(volume.to(device, torch.float32), model.window, predict, batch_size=batch_size,
-                          progress=progress, with_starts=positions, weight=window_weight)
+    with cpu_kernels.reference_path() if reference_path else contextlib.nullcontext():
+        return sliding_window(volume.to(device, torch.float32), model.window, predict, batch_size=batch_size,
+                              progress=progress, with_starts=positions, weight=window_weight)
 
 
 def predict_ensemble(models, volume, subsets, batch_size=1, progress=False, origin=None, flips=((),),
-                     window_weight="uniform"):
+                     window_weight="uniform", reference_path=False):
     """predict_subsets of each model of the list `models` (each with its own window), averaged:
     (S, K, X, Y, Z)."""
     total = None
     for model in models:
-        out = predict_subsets(model, volume, subsets, batch_size, progress, origin, flips, window_weight)
+        out = predict_subsets(model, volume, subsets, batch_size, progress, origin, flips, window_weight,
+                              reference_path)
         total = out if total is None else total + out.to(total.device)
     return total / len(models)
 
 
 def evaluate(model, dataset, subsets=None, batch_size=1, distances=True, progress=True,
-             on_case=None, indices=None, flips=((),), window_weight="uniform"):
+             on_case=None, indices=None, flips=((),), window_weight="uniform", reference_path=False):
     """Segment every case (or those at `indices`) of an EvalDataset with each of `subsets`
     (default: the case's assigned subset) -> result rows {case, subset, mask, WT, TC, ET,
     ETpp[, HD95_*]}. model: a model, or a list of them (an ensemble, averaged; see
@@ -104,7 +110,7 @@ def evaluate(model, dataset, subsets=None, batch_size=1, distances=True, progres
         spacing = meta["spacing"] if meta else (1, 1, 1)
         case_subsets = list(subsets or [tuple(sample["mask"].tolist())])
         probs = predict_ensemble(models, sample["image"], case_subsets, batch_size, origin=sample.get("origin"),
-                                 flips=flips, window_weight=window_weight)
+                                 flips=flips, window_weight=window_weight, reference_path=reference_path)
         labels = to_labels(probs, models[0].output_kind, axis=1).to(torch.uint8).cpu().numpy()
         del probs
         target = sample["label"].numpy()
@@ -148,7 +154,8 @@ def summary_markdown(summary):
 @torch.no_grad()
 def parameters_in_use(model):
     """Parameters of the modules an eval forward pass with every modality present runs (one
-    pass on a zero window): the model's size at inference, without training-only parts."""
+    pass on a zero window): the model's size at inference, without training-only parts. On
+    the reference path: the fused CPU kernels take some modules' parameters without calling them."""
     device = next(model.parameters()).device
     ran, hooks = set(), [m.register_forward_hook(lambda module, args, out: ran.add(module)) for m in model.modules()]
     was_training = model.training
@@ -157,7 +164,8 @@ def parameters_in_use(model):
         inputs = [torch.zeros(1, M, *model.window, device=device), torch.ones(1, M, dtype=torch.bool, device=device)]
         if getattr(model, "uses_position", False):  # the window at the native grid's corner
             inputs.append(torch.tensor([[[0, 1]] * 3], device=device))
-        model.eval()(*inputs)
+        with cpu_kernels.reference_path():
+            model.eval()(*inputs)
     finally:
         for hook in hooks:
             hook.remove()

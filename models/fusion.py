@@ -22,11 +22,14 @@ class MambaLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, dim)
 
-    def forward(self, x):  # (b, l, dim) -> (b, l, dim), float32 (float64 stays float64)
+    def forward(self, x, keep=None):
+        """(b, l, dim) -> (b, l', dim) at the positions `keep` (a slice; default all), float32
+        (float64 stays float64)."""
         with no_autocast(x.device):
             if x.dtype != torch.float64:
                 x = x.float()
-            x = x + self.mamba(self.norm1(x))
+            out = self.mamba(self.norm1(x), keep)
+            x = (x if keep is None else x[:, keep]) + out
             return x + self.head(self.norm2(x))
 
 
@@ -63,10 +66,9 @@ class MambaFusionBlock(nn.Module):
     def fuse_tokens(self, tokens):
         """(b, M, N, d) masked modality tokens -> (b, N, d) fused tokens."""
         b, M, N, d = tokens.shape
-        out = self.mamba_layer(self.sequence(tokens))  # (b, (M + 1) N, d)
-        if self.interleaved:
-            return out.view(b, N, M + 1, d)[:, :, M]
-        return out[:, M * N:]
+        # only the fusion tokens' outputs are computed (the state still runs over all tokens)
+        keep = slice(M, None, M + 1) if self.interleaved else slice(M * N, None)
+        return self.mamba_layer(self.sequence(tokens), keep)  # (b, N, d)
 
     def forward(self, features):
         """M masked maps (b, d, *spatial) (a sequence, or stacked (b, M, d, *spatial))

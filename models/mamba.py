@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .scan import resolve_backend, selective_scan
 
 __all__ = ["Mamba", "selective_scan"]
@@ -62,25 +63,44 @@ class Mamba(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
-    def forward(self, hidden_states):
-        L = hidden_states.shape[1]
+    def conv_silu(self, x):
+        """silu(causal depthwise conv1d(x)) in the time-major layout: (b, l, d_inner) -> same.
+        A weighted sum of d_conv shifted copies: no transposed copy, and on the CPU 2-3x faster
+        than a depthwise conv1d at IM-Fuse's lengths."""
+        L, k = x.shape[1], self.d_conv
+        w = self.conv1d.weight[:, 0]  # (d_inner, k); tap k - 1 multiplies the current step
+        xp = F.pad(x, (0, 0, k - 1, 0))  # (b, l + k - 1, d_inner), k - 1 zero steps first
+        y = xp[:, k - 1:] * w[:, k - 1]
+        if self.conv1d.bias is not None:
+            y = y + self.conv1d.bias
+        for j in range(k - 1):
+            y = torch.addcmul(y, xp[:, j:j + L], w[:, j])
+        return F.silu(y)
+
+    def forward(self, hidden_states, keep=None):
+        """(b, l, d_model) -> (b, l', d_model): the outputs at the positions `keep` (a slice of
+        the length; default all). The state runs over every position either way."""
         backend = resolve_backend(self.backend, hidden_states.device,
                                   torch.float64 if hidden_states.dtype == torch.float64
                                   else torch.float32)
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2 * d_inner, l)
-        x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
+        xz = self.in_proj(hidden_states)  # (b, l, 2 * d_inner)
+        x, z = xz.chunk(2, dim=-1)  # (b, l, d_inner) each: views, time-major
         conv = _causal_conv1d_fn() if backend == "mamba_ssm" else None
-        if conv is not None:
-            x = conv(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                     activation="silu")
+        if conv is not None:  # its kernel takes the (b, d_inner, l) layout
+            x = conv(x.transpose(1, 2).contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                     activation="silu").transpose(1, 2)
+        elif cpu_kernels.applies(x, *self.conv1d.parameters()):
+            x = cpu_kernels.conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
         else:
-            x = F.silu(self.conv1d(x)[..., :L])
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2 * d_state)
+            x = self.conv_silu(x)
+        x_dbl = self.x_proj(x)  # (b, l, dt_rank + 2 * d_state)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, d_inner, l); bias in the scan
+        dt = dt @ self.dt_proj.weight.t()  # (b, l, d_inner); bias in the scan
         A = -torch.exp(self.A_log)  # (d_inner, d_state)
-        # the scan runs in float32 (float64 for float64 inputs) whatever the autocast state
-        y = selective_scan(x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-                           self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True,
-                           backend=backend)  # (b, d_inner, l)
-        return self.out_proj(y.transpose(1, 2))
+        # the scan takes (b, channels, l) views of the time-major tensors (the numba kernel reads
+        # them strided, the GPU kernels copy them); it runs in float32 (float64 for float64
+        # inputs) whatever the autocast state
+        y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                           self.D, z=z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True,
+                           backend=backend).transpose(1, 2)  # (b, l, d_inner)
+        return self.out_proj(y if keep is None else y[:, keep])

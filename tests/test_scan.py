@@ -211,3 +211,33 @@ def test_float32_exponential_of_the_numba_kernel():
     assert np.max(np.abs(out / np.exp(x.astype(np.float32).astype(np.float64)) - 1)) < 3e-7
     run(np.array([-300.0, -1e30]), out[:2], bits[:2])
     assert 0 < out[0] < 2e-38 and 0 < out[1] < 2e-38  # clamped below -87: at most exp(-87)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_reads_time_major_views(dtype):
+    """The Mamba block passes (b, d, l) views of time-major (b, l, d) tensors, u and z slices of
+    one (b, l, 2d) projection, B and C of another: the kernel reads them in place and gives the
+    recurrence's values and gradients (and the result is time-major like u)."""
+    g = torch.Generator().manual_seed(3)
+    b, d, n, L = 2, 5, 4, 300
+    xz = torch.randn(b, L, 2 * d, generator=g, dtype=dtype)
+    proj = torch.randn(b, L, 1 + 2 * n, generator=g, dtype=dtype)
+    delta = torch.randn(b, L, d, generator=g, dtype=dtype)
+    tensors = dict(u=xz[..., :d].transpose(1, 2), delta=delta.transpose(1, 2),
+                   A=-torch.exp(torch.randn(d, n, generator=g, dtype=dtype) * 0.5),
+                   B=proj[..., 1:1 + n].transpose(1, 2), C=proj[..., 1 + n:].transpose(1, 2),
+                   D=torch.randn(d, generator=g, dtype=dtype), z=xz[..., d:].transpose(1, 2),
+                   delta_bias=torch.randn(d, generator=g, dtype=dtype) * 0.5)
+    assert not tensors["u"].is_contiguous() and not tensors["B"].is_contiguous()
+    for t in tensors.values():
+        t.requires_grad_()
+    out = selective_scan_numba(**tensors, delta_softplus=True, chunk_size=64)
+    ref = recurrence(**{k: t.detach().contiguous().double().requires_grad_() for k, t in tensors.items()},
+                     delta_softplus=True)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert out.stride(1) == 1  # time-major, like u
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=tol, atol=tol)
+    g_out = grads(out, tensors)
+    g_ref = grads(recurrence(**tensors, delta_softplus=True), tensors)
+    for name in g_ref:
+        torch.testing.assert_close(g_out[name], g_ref[name], rtol=10 * tol, atol=10 * tol, msg=name)

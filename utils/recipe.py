@@ -102,7 +102,9 @@ class Recipe:
                 return f"val_every must be a positive integer or increasing positive epochs, got {v!r}"
         elif not (isinstance(v, int) and v >= 1):
             return f"val_every must be a positive integer or increasing positive epochs, got {v!r}"
-        return settings_problem(self)
+        # the values of optimizer_args / schedule_args, tried on a dummy parameter (an optimiser's
+        # first construction imports torch._dynamo, ~1 s: not for a recipe without them)
+        return settings_problem(self) if self.optimizer_args or self.schedule_args else None
 
     def validates_after(self, epoch):
         """Whether the run validates after `epoch` (1-based)."""

@@ -402,8 +402,10 @@ class _NumbaScan(torch.autograd.Function):
         Dv = zeros_d if D is None else D
         bias = zeros_d if delta_bias is None else delta_bias
         zv = u.new_zeros(1, 1, 1) if z is None else z
-        u, delta, A, B, C, Dv, zv, bias = (t.detach().contiguous() for t in (u, delta, A, B, C, Dv, zv, bias))
-        out = torch.empty_like(u)
+        # strided inputs are read in place (e.g. (b, d, l) views of time-major (b, l, d) tensors:
+        # a chunk's rows stay in cache across its channels); the output takes u's layout
+        u, delta, A, B, C, Dv, zv, bias = (t.detach() for t in (u, delta, A, B, C, Dv, zv, bias))
+        out = torch.empty_like(u) if u.stride(-1) == 1 else u.new_empty(nb, L, nd).transpose(1, 2)
         ckpt = u.new_empty(nb, nd, -(-L // chunk_size), A.shape[1])
         ckpt[:, :, 0] = 0.0  # the state before the first step
         with _torch_threads():
