@@ -26,7 +26,7 @@ from utils.brats import DROP_COUNT_WEIGHTS, MODALITIES, REGIONS
 from utils.losses import region_targets
 from utils.recipe import Recipe
 
-from .layers import InstanceNorm, norm_leaky
+from .layers import InstanceNorm
 
 # The original's modality order (FLAIR, T1, T1c, T2) as indices of MODALITIES: the order of
 # its concatenations, domain labels and loss pairs, and the priority of the missing-slot rule.
@@ -54,16 +54,10 @@ class WSConv3d(nn.Conv3d):
         return F.conv3d(x, standardize(self.weight), None, self.stride, self.padding, self.dilation)
 
 
-class ConvNormAct(nn.Sequential):
-    """WSConv3d -> InstanceNorm -> LeakyReLU(0.01) (a Sequential: the original's keys)."""
-
-    def __init__(self, in_ch, out_ch, kernel=1, padding=0, dilation=1):
-        super().__init__(WSConv3d(in_ch, out_ch, kernel, padding=padding, dilation=dilation),
+def conv_norm_act(in_ch, out_ch, kernel=1, padding=0, dilation=1):
+    """WSConv3d -> InstanceNorm -> LeakyReLU(0.01)."""
+    return nn.Sequential(WSConv3d(in_ch, out_ch, kernel, padding=padding, dilation=dilation),
                          InstanceNorm(out_ch), nn.LeakyReLU(0.01))
-
-    def forward(self, x):
-        conv, norm, act = self
-        return norm_leaky(conv(x), norm, act.negative_slope)
 
 
 class Bottleneck(nn.Module):
@@ -81,8 +75,8 @@ class Bottleneck(nn.Module):
                            if stride != 1 or in_ch != out_ch else None)
 
     def forward(self, x):
-        out = norm_leaky(self.conv1(x), self.norm1)
-        out = norm_leaky(self.conv2(out), self.norm2)
+        out = F.leaky_relu(self.norm1(self.conv1(x)), 0.01)
+        out = F.leaky_relu(self.norm2(self.conv2(out)), 0.01)
         out = self.norm3(self.conv3(out))
         return F.leaky_relu(out + (x if self.downsample is None else self.downsample(x)), 0.01)
 
@@ -97,7 +91,7 @@ class BasicBlock(nn.Module):
         self.conv2, self.norm2 = WSConv3d(channels, channels, 3, padding=1), InstanceNorm(channels)
 
     def forward(self, x):
-        out = norm_leaky(self.conv1(x), self.norm1)
+        out = F.leaky_relu(self.norm1(self.conv1(x)), 0.01)
         return F.leaky_relu(self.norm2(self.conv2(out)) + x, 0.01)
 
 
@@ -136,10 +130,10 @@ class ASPP(nn.Module):
 
     def __init__(self, channels, dilations):
         super().__init__()
-        self.branches = nn.ModuleList([ConvNormAct(channels, channels)] +
-                                      [ConvNormAct(channels, channels, 3, d, d) for d in dilations])
+        self.branches = nn.ModuleList([conv_norm_act(channels, channels)] +
+                                      [conv_norm_act(channels, channels, 3, d, d) for d in dilations])
         self.pool_conv, self.pool_norm = WSConv3d(channels, channels, 1), InstanceNorm(channels)
-        self.merge = ConvNormAct(channels * (len(dilations) + 2), channels)
+        self.merge = conv_norm_act(channels * (len(dilations) + 2), channels)
 
     def forward(self, x):
         pooled = self.pool_norm(self.pool_conv(x.mean(dim=(2, 3, 4), keepdim=True)))
@@ -155,7 +149,7 @@ class Encoder(nn.Module):
     def __init__(self, widths, blocks, features, dilations):
         super().__init__()
         self.backbone = ResNet(widths, blocks)
-        self.reduce = ConvNormAct(4 * widths[-1], features)
+        self.reduce = conv_norm_act(4 * widths[-1], features)
         self.aspp = ASPP(features, dilations)
 
     def forward(self, x):
@@ -174,7 +168,7 @@ class Decoder(nn.Module):
         chans = (in_ch,) + tuple(widths)
         self.ups = nn.ModuleList(nn.ConvTranspose3d(chans[i], chans[i + 1], 2, stride=2, bias=False)
                                  for i in range(len(widths)))
-        self.skips = nn.ModuleList(ConvNormAct(s, w) for s, w in zip(skip_channels, widths))
+        self.skips = nn.ModuleList(conv_norm_act(s, w) for s, w in zip(skip_channels, widths))
         self.blocks = nn.ModuleList(BasicBlock(w) for w in widths)
         self.head = nn.Conv3d(widths[-1], num_outputs, 1, bias=False)
 

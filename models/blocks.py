@@ -268,7 +268,8 @@ class MultiEncoderNet(nn.Module):
         run = [m for m in range(self.num_modalities) if m not in skip]
         if not run:
             raise ValueError("at least one modality must be present")
-        if len(run) > 1 and cpu_kernels.applies(x, *(self.encoders[m].levels[0].entry.weight for m in run)):
+        weights = [self.encoders[m].levels[0].entry.weight for m in run]
+        if len(run) > 1 and cpu_kernels.applies(x, *weights, min_channels=1):
             outs = {m: self.encoders[m](entry, entered=True) for m, entry in self._grouped_entries(x, run).items()}
         else:
             outs = {m: self.encoders[m](x[:, m:m + 1]) for m in run}

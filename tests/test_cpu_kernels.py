@@ -14,6 +14,13 @@ from models.mamba import Mamba
 from utils.brats import to_labels
 
 
+@pytest.fixture(autouse=True)
+def small_inputs_fused(monkeypatch):
+    """The models' layers take the fused kernels at any size here (by default only large ones)."""
+    monkeypatch.setattr(cpu_kernels, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_kernels, "MIN_CHANNELS", 1)
+
+
 def plain_norm_act_pad(x, eps, slope, pad, mode):
     y = F.leaky_relu(F.instance_norm(x, eps=eps), slope)
     return F.pad(y, [pad] * 6, mode="reflect" if mode == "reflect" else "constant")
@@ -62,7 +69,16 @@ def test_conv_silu_matches_conv1d():
     torch.testing.assert_close(conv_silu(x, w), ref0, rtol=1e-5, atol=1e-5)
 
 
-def test_when_the_kernels_apply():
+def test_when_the_kernels_apply(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "MIN_ELEMENTS", 2 ** 20)
+    monkeypatch.setattr(cpu_kernels, "MIN_CHANNELS", 8)
+    with torch.no_grad():  # sizes: large enough, and volumes of enough channels
+        assert cpu_kernels.applies(torch.empty(1, 8, 128, 32, 32))
+        assert not cpu_kernels.applies(torch.empty(2, 8, 32, 32, 32))  # 2^18 per sample
+        assert not cpu_kernels.applies(torch.empty(1, 4, 128, 64, 64))
+        assert cpu_kernels.applies(torch.empty(1, 4, 128, 64, 64), min_channels=1)
+        assert cpu_kernels.applies(torch.empty(1, 2 ** 16, 16))  # tokens
+    monkeypatch.setattr(cpu_kernels, "MIN_ELEMENTS", 0)
     x, w = torch.randn(3), torch.randn(3, requires_grad=True)
     assert cpu_kernels.applies(x)
     assert not cpu_kernels.applies(x, w)  # a gradient is needed: PyTorch's operators
