@@ -268,9 +268,10 @@ class MultiEncoderNet(nn.Module):
         run = [m for m in range(self.num_modalities) if m not in skip]
         if not run:
             raise ValueError("at least one modality must be present")
-        weights = [self.encoders[m].levels[0].entry.weight for m in run]
-        if len(run) > 1 and cpu_kernels.applies(x, *weights, min_channels=1):
-            outs = {m: self.encoders[m](entry, entered=True) for m, entry in self._grouped_entries(x, run).items()}
+        entries = [self.encoders[m].levels[0].entry for m in run]
+        if len(run) > 1 and cpu_kernels.applies(x, *(c.weight for c in entries), min_channels=1):
+            grouped = self._grouped_entries(x, run, entries)
+            outs = {m: self.encoders[m](entry, entered=True) for m, entry in zip(run, grouped)}
         else:
             outs = {m: self.encoders[m](x[:, m:m + 1]) for m in run}
         if skip:
@@ -279,16 +280,16 @@ class MultiEncoderNet(nn.Module):
         per_mod = [outs[m] for m in range(self.num_modalities)]
         return [None if l in unused else torch.stack(level, dim=1) for l, level in enumerate(zip(*per_mod))]
 
-    def _grouped_entries(self, x, run):
-        """{m: level 1's entry conv of modality m} for m in `run`, as one grouped conv in
-        channels-last memory: oneDNN has no fast path for one input channel, and on the CPU
-        four such convs at once take a third of the time of four apart."""
-        convs = [self.encoders[m].levels[0].entry for m in run]
+    @staticmethod
+    def _grouped_entries(x, run, convs):
+        """The outputs of the level-1 entry convs `convs` of the modalities `run`, as one
+        grouped conv in channels-last memory: oneDNN has no fast path for one input channel,
+        and on the CPU four such convs at once take a third of the time of four apart."""
         first = convs[0]
         weight, bias = torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs])
         padded = F.pad(x[:, run], [first.padding[0]] * 6, mode=first.padding_mode)
         out = F.conv3d(padded.contiguous(memory_format=torch.channels_last_3d), weight, bias, groups=len(run))
-        return dict(zip(run, out.split(first.out_channels, dim=1)))
+        return out.split(first.out_channels, dim=1)
 
     def _intra(self, x5, skip=()):  # (B, M, C5, p, p, p) -> (B, M, dim, p, p, p)
         out = {m: self.intra[m](x5[:, m]) for m in range(self.num_modalities) if m not in skip}
