@@ -51,6 +51,7 @@ from engine.quality import expected_quality, find_results, quality_line
 from utils.brats import LABELS, MODALITIES, MODALITY_NAMES, OUTPUT_ACTIVATION, OUTPUT_CHANNELS, REGIONS, to_labels
 from utils.figures import report_figure
 from utils.io import atomic_path, nifti_image
+from utils.memory import retain_freed_memory
 from utils.parser import ArgumentParser
 
 NIFTI = re.compile(r"\.nii(\.gz)?$")
@@ -249,6 +250,8 @@ def main(argv=None):
         p.check_writable("--output" if kind != "probabilities" else "--probabilities", path)
     options = inference_options(p, args)
     device = select_device(args.device)
+    if device.type == "cpu" and not args.reference_path:  # the reference path keeps the allocator's defaults
+        retain_freed_memory()
     log = lambda line: print(f"predict.py: {line}", file=sys.stderr)  # noqa: E731
     try:
         paths = modality_files(args.input) if args.input else explicit

@@ -35,6 +35,7 @@ from engine.models import DEFAULT_MODEL
 from utils.brats import parse_subsets, subset_name
 from utils.figures import case_figure
 from utils.io import save_nifti, write_csv, write_text
+from utils.memory import retain_freed_memory
 from utils.parser import ArgumentParser
 
 
@@ -99,6 +100,8 @@ def main(argv=None):
     except ValueError as err:
         p.error(str(err))
     device = select_device(args.device)
+    if device.type == "cpu" and not args.reference_path:  # the reference path keeps the allocator's defaults
+        retain_freed_memory()
     test_file = args.test_file or os.path.join(args.datapath, "splits", "test15splits.csv")
     config = model_config(p, args)
     options = inference_options(p, args)

@@ -58,7 +58,8 @@ def add_inference_flags(parser):
                              "Gaussian weights, sigma 1/8 of the window (nnU-Net's)")
     parser.add_argument("--reference_path", action="store_true",
                         help="PyTorch's float32 operators only: none of the fused CPU kernels "
-                             "(models/cpu_kernels.py) that predict and evaluate faster with the same labels")
+                             "(models/cpu_kernels.py) that predict and evaluate faster with the same labels, "
+                             "and the C allocator's defaults (utils/memory.py)")
 
 
 def inference_options(parser, args):
