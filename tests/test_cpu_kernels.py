@@ -11,7 +11,20 @@ from engine.evaluation import predict_subsets
 from models import cpu_kernels
 from models.cpu_kernels import conv_silu, norm_act_pad
 from models.mamba import Mamba
-from utils.brats import to_labels
+from utils.brats import REGION_THRESHOLD, to_labels
+
+
+def assert_same_labels_but_near_ties(fused, reference, kind, margin=1e-4, most=2):
+    """Labels of (subset, channel, ...) outputs equal, but at most `most` voxels where the
+    reference is within `margin` of a decision (the two likeliest classes, or a region's 0.5
+    threshold): float rounding there differs from one CPU to another."""
+    differ = to_labels(fused, kind, axis=1) != to_labels(reference, kind, axis=1)
+    if kind == "classes":
+        top2 = reference.topk(2, dim=1).values
+        closeness = top2[:, 0] - top2[:, 1]
+    else:
+        closeness = (reference - REGION_THRESHOLD).abs().min(dim=1).values
+    assert (closeness[differ] < margin).all() and differ.sum() <= most
 
 
 @pytest.fixture(autouse=True)
@@ -120,11 +133,7 @@ def test_fused_path_gives_the_reference_labels(name, cfg):
     fused = predict_subsets(model, volume, subsets)
     reference = predict_subsets(model, volume, subsets, reference_path=True)
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
-    # labels equal except at near-ties of the two likeliest classes (float rounding differs by CPU)
-    differ = to_labels(fused, "classes", axis=1) != to_labels(reference, "classes", axis=1)
-    top2 = reference.topk(2, dim=1).values
-    assert ((top2[:, 0] - top2[:, 1])[differ] < 1e-4).all()
-    assert differ.sum() <= 2
+    assert_same_labels_but_near_ties(fused, reference, "classes")
 
 
 @pytest.mark.parametrize("slope", [0.01, 0.0, 1.0])
@@ -150,5 +159,4 @@ def test_every_model_fused_path_gives_the_reference_labels(name):
     fused = predict_subsets(model, volume, subsets, origin=(0, 0, 0))
     reference = predict_subsets(model, volume, subsets, origin=(0, 0, 0), reference_path=True)
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
-    kind = model.output_kind
-    assert torch.equal(to_labels(fused, kind, axis=1), to_labels(reference, kind, axis=1))
+    assert_same_labels_but_near_ties(fused, reference, model.output_kind)
