@@ -1,5 +1,5 @@
 """The fused CPU inference kernels against PyTorch's operators, and the models' fused path
-against the reference path (same probabilities to float32 rounding, same labels)."""
+against the reference path (same probabilities to float32 rounding, same labels but at near-ties)."""
 import pytest
 import torch
 import torch.nn.functional as F
