@@ -26,11 +26,17 @@ overlapping windows as nnU-Net does. When the checkpoint's folder (or --referenc
 holds test.py results of the model, the report and the log give the test-set Dice for the
 sequences given, and warn of regions that are unreliable without a missing sequence.
 """
+import sys
+
+from utils.memory import restart_without_tcache
+
+if __name__ == "__main__" and "--reference_path" not in sys.argv[1:]:
+    restart_without_tcache()  # first, before torch's import: freed tensors' memory gets reused (utils/memory.py)
+
 import contextlib
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 

@@ -16,9 +16,15 @@ Checkpoints of train_poly.py describe their model (one of your own: name its mod
 with --model); for checkpoints of the original code give the variant flags
 (--interleaved_tokenization, --mamba_skip, --first_skip, --patch_size).
 """
+import sys
+
+from utils.memory import restart_without_tcache
+
+if __name__ == "__main__" and "--reference_path" not in sys.argv[1:]:
+    restart_without_tcache()  # first, before torch's import: freed tensors' memory gets reused (utils/memory.py)
+
 import json
 import os
-import sys
 import time
 import warnings
 

@@ -7,8 +7,8 @@ the optimised path, each in a process of its own.
 A synthetic case (data.synthetic, seed 0) goes through predict.main in two child processes,
 one per path: with --reference_path (PyTorch's operators only, the C allocator's defaults)
 and without (the fused CPU kernels of models/cpu_kernels.py, the grouped entry convs,
-channels-last convolutions, freed memory kept by the allocator: utils/memory.py, which is
-process-wide, hence a process per path). Without --resume the model is the registered
+channels-last convolutions, freed memory kept by the allocator and glibc's tcache off:
+utils/memory.py, which is process-wide, hence a process per path). Without --resume the model is the registered
 model's paper configuration with random weights (seed 0). In each process a first run warms
 up (numba loads its compiled kernels) and also writes the probabilities; then per path the
 median and every time of predict.main over the repeats (reading, preprocessing, every window,
@@ -40,6 +40,7 @@ from data.synthetic import make_case  # noqa: E402
 from engine import build_model  # noqa: E402
 from engine.checkpoint import save_checkpoint  # noqa: E402
 from utils.brats import MODALITIES, REGIONS  # noqa: E402
+from utils.memory import TCACHE_OFF  # noqa: E402
 
 PATHS = ("reference", "fused")
 
@@ -123,8 +124,11 @@ def main(argv=None):
         for name in PATHS:
             out_dir = os.path.join(tmp, name)
             os.makedirs(out_dir)
+            env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+            if name == "fused":  # as predict.py restarts itself (utils/memory.py)
+                env["GLIBC_TUNABLES"] = TCACHE_OFF
             child = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--one_path", name,
-                                    ckpt, json.dumps(inputs), out_dir], stdout=subprocess.PIPE, text=True)
+                                    ckpt, json.dumps(inputs), out_dir], stdout=subprocess.PIPE, text=True, env=env)
             if child.returncode:
                 sys.exit(f"bench_case.py: the {name} path failed (exit status {child.returncode})")
             figures[name] = json.loads(child.stdout.strip().splitlines()[-1])

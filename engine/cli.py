@@ -142,7 +142,7 @@ def _json_dict(text):
 def _recipe_value(field, value):
     """value, checked as the recipe checks it (a usage error otherwise)."""
     try:
-        Recipe(**{field: value})
+        Recipe(**{field: value}).check()
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix("recipe: "))
     return value

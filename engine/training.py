@@ -223,7 +223,7 @@ def _recipe(cfg, ckpt, model):
     if ckpt is None or "recipe" not in ckpt:  # a fresh run, or a checkpoint written before recipes
         source = f"{cfg.resume}: no recorded recipe; " if ckpt is not None else ""
         source += f"{model.__class__.__name__}'s recipe" + (f" with {given} from the command line" if given else "")
-        return model.recipe.replace(**cfg.recipe), source
+        return model.recipe.replace(**cfg.recipe).check(), source
     recipe = Recipe.from_dict({"val_every": model.recipe.val_every, **ckpt["recipe"]})
     for key, value in cfg.recipe.items():
         if key not in RESUME_CHANGES and getattr(recipe, key) != value:
@@ -234,7 +234,7 @@ def _recipe(cfg, ckpt, model):
         if key in cfg.recipe and cfg.recipe[key] != getattr(recipe, key):
             source += f", {key} {format_value(getattr(recipe, key))} -> {format_value(cfg.recipe[key])} by --{key}"
             recipe = recipe.replace(**{key: cfg.recipe[key]})
-    return recipe, source
+    return recipe.check(), source
 
 
 def load_pretrained(model, spec, config, path):

@@ -76,9 +76,12 @@ def test_training_refuses_bad_input_in_one_line(tiny_cohort, tmp_path, capsys):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     assert train(tiny_cohort[1], tmp_path, "--resume", str(junk)) == 1
+    # each flag is valid alone; together the optimiser refuses them (Recipe.check, before any step)
+    assert train(tiny_cohort[1], tmp_path, "--optimizer", "sgd", "--optimizer_args", '{"momentum": -1.0}') == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("train_poly.py: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("train_poly.py: ") for line in err)
     assert "nothing.pth: no such checkpoint" in err[0] and "junk.pth" in err[2]
+    assert "sgd with {'momentum': -1.0}: Invalid momentum" in err[3]
     with pytest.raises(SystemExit):
         script("train_poly").main(["--datapath", tiny_cohort[1], "--savepath", str(tmp_path), "--model",
                                    "mmformer", "--mamba_skip"])

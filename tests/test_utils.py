@@ -3,12 +3,17 @@ against hand-computed values and independent definitions."""
 import csv
 import itertools
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import competitors  # noqa: F401  (registers the competitors)
+from helpers import ROOT
 from engine.inference import select_device, sliding_window, window_starts
 from engine.models import model_class
 from models import build_model
@@ -141,10 +146,23 @@ def test_recipe_refuses_bad_values_in_one_line(change, needle):
     ({"schedule": "plateau", "schedule_args": {"factor": 2.0}}, "plateau with {'factor': 2.0}"),
     ({"schedule": "plateau", "schedule_args": {"patience": "a"}}, "plateau with {'patience': 'a'}"),  # fails when stepped
     ({"schedule_args": {"power": "a"}}, "power must be a positive number")])
-def test_bad_optimizer_and_schedule_values_are_refused_with_the_recipe(values, needle):
+def test_bad_optimizer_and_schedule_values_are_refused_by_the_recipe_check(values, needle):
     with pytest.raises(ValueError, match="recipe: ") as err:
-        Recipe(**values)
+        Recipe(**values).check()
     assert needle in str(err.value)
+
+
+def test_every_registered_recipe_passes_its_check_and_none_imports_torch_dynamo():
+    """Recipes are built when the models are imported (predict.py, test.py): building them must
+    not construct an optimiser (torch._dynamo's import, ~1 s); check() still tries the values."""
+    code = ("import sys, engine, models\n"
+            "assert 'torch._dynamo' not in sys.modules, 'a recipe built an optimiser at import'\n"
+            "for name in models.list_models():\n"
+            "    cls = models.model_class(name)\n"
+            "    for r in [getattr(cls, 'recipe', None), *getattr(cls, 'recipes', {}).values()]:\n"
+            "        r and r.check()\n"
+            "assert 'torch._dynamo' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_recipe_round_trip_through_a_checkpoint(tmp_path):
@@ -348,10 +366,12 @@ def test_each_model_validates_as_often_as_its_original(spec, count):
 
 
 FAULTS_AFTER_REUSE = """
-import resource, sys
-import torch
+import os, resource, sys
 sys.path.insert(0, {root!r})
-from utils.memory import retain_freed_memory
+from utils.memory import restart_without_tcache, retain_freed_memory
+if {tcache_off}:
+    restart_without_tcache()
+import torch
 if {retain} and not retain_freed_memory():
     print("unsupported"); sys.exit()
 def step():  # tensors of 40, 64 and 48 MB (above glibc's largest mmap threshold), touched, then freed
@@ -359,25 +379,25 @@ def step():  # tensors of 40, 64 and 48 MB (above glibc's largest mmap threshold
 out = step(); del out
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 out = step(); del out  # the same step again
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, os.environ.get("GLIBC_TUNABLES", ""))
 """
 
 
 def test_retain_freed_memory_reuses_large_blocks_without_page_faults():
     """Without the setting, glibc maps every freed block of a repeated step anew and each of
-    its 4-KiB pages (38,912 in 152 MB) faults in again; with it most of the step's blocks come
-    back from the heap, already resident (numpy arrays would ask for huge pages: torch's do not)."""
-    import subprocess
-    import sys
-
-    from helpers import ROOT
-
+    its 4-KiB pages (38,912 in 152 MB) faults in again; with it the step's blocks come back
+    from the heap, already resident, but one of them (16,384 pages) only once the tcache is
+    off too: restart_without_tcache re-runs the command once, with the tunable set."""
     faults = {}
-    for retain in (False, True):
-        out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_REUSE.format(root=ROOT, retain=retain)],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        if out == "unsupported":
-            pytest.skip("no glibc mallopt here")
-        faults[retain] = int(out)
-    assert faults[False] > 30000, faults
-    assert faults[True] < faults[False] / 2, faults  # measured 16,384 (one of the three blocks faults again)
+    for retain, tcache_off in ((False, False), (True, False), (True, True)):
+        code = FAULTS_AFTER_REUSE.format(root=ROOT, retain=retain, tcache_off=tcache_off)
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env=env).stdout.split()
+        if out[0] == "unsupported" or (tcache_off and platform.libc_ver()[0] != "glibc"):
+            pytest.skip("no glibc here")
+        assert out[1:] == (["glibc.malloc.tcache_count=0"] if tcache_off else []), out
+        faults[retain, tcache_off] = int(out[0])
+    assert faults[False, False] > 30000, faults
+    assert faults[True, False] < faults[False, False] / 2, faults
+    assert faults[True, True] < 1000, faults  # measured 0

@@ -53,12 +53,23 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        problem = self.problem()
+        problem = self.problem(settings=False)
         if problem:
             raise ValueError(f"recipe: {problem}")
 
-    def problem(self):
-        """What is wrong with the values, in words, or None."""
+    def check(self):
+        """Raises ValueError (one line) if the values of optimizer_args or schedule_args are
+        refused when the optimiser and schedule are built and stepped on a dummy parameter.
+        Not at construction: an optimiser's first construction imports torch._dynamo (~1 s),
+        which predict.py and test.py, importing every model's recipe, do not need."""
+        problem = settings_problem(self) if self.optimizer_args or self.schedule_args else None
+        if problem:
+            raise ValueError(f"recipe: {problem}")
+        return self
+
+    def problem(self, settings=True):
+        """What is wrong with the values, in words, or None; settings: also try the values of
+        optimizer_args and schedule_args (check)."""
         if self.optimizer not in OPTIMIZERS:
             return f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"
         if self.schedule not in SCHEDULES:
@@ -102,9 +113,9 @@ class Recipe:
                 return f"val_every must be a positive integer or increasing positive epochs, got {v!r}"
         elif not (isinstance(v, int) and v >= 1):
             return f"val_every must be a positive integer or increasing positive epochs, got {v!r}"
-        # the values of optimizer_args / schedule_args, tried on a dummy parameter (an optimiser's
-        # first construction imports torch._dynamo, ~1 s: not for a recipe without them)
-        return settings_problem(self) if self.optimizer_args or self.schedule_args else None
+        if settings and (self.optimizer_args or self.schedule_args):
+            return settings_problem(self)
+        return None
 
     def validates_after(self, epoch):
         """Whether the run validates after `epoch` (1-based)."""
