@@ -53,7 +53,7 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        problem = self.problem(settings=False)
+        problem = self.problem()
         if problem:
             raise ValueError(f"recipe: {problem}")
 
@@ -67,9 +67,9 @@ class Recipe:
             raise ValueError(f"recipe: {problem}")
         return self
 
-    def problem(self, settings=True):
-        """What is wrong with the values, in words, or None; settings: also try the values of
-        optimizer_args and schedule_args (check)."""
+    def problem(self):
+        """What is wrong with the values, in words, or None (the values of optimizer_args and
+        schedule_args: check)."""
         if self.optimizer not in OPTIMIZERS:
             return f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"
         if self.schedule not in SCHEDULES:
@@ -113,8 +113,6 @@ class Recipe:
                 return f"val_every must be a positive integer or increasing positive epochs, got {v!r}"
         elif not (isinstance(v, int) and v >= 1):
             return f"val_every must be a positive integer or increasing positive epochs, got {v!r}"
-        if settings and (self.optimizer_args or self.schedule_args):
-            return settings_problem(self)
         return None
 
     def validates_after(self, epoch):
