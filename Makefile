@@ -62,9 +62,9 @@ compare: $(VENV)/.installed  ## all models small on the synthetic cohort -> comp
 			start="--pretrained $(COMPARE)/runs/$$m-pretraining/model_last.pth"; \
 			[ -f $(COMPARE)/runs/$$m-pretraining/model_last.pth ] || { echo "pre-training of $$m failed"; exit 1; }; \
 		fi; \
-		echo "== $$m: $$($(PY) -m engine.small $$m) $$start"; \
+		flags=$$($(PY) -m engine.small $$m); echo "== $$m: $$flags $$start"; \
 		eval $(PY) train_poly.py --datapath $(COMPARE)/data --savepath $(COMPARE)/runs/$$m \
-			$$($(PY) -m engine.small $$m) $$start --val_every 10 --num_workers 0 --no_progress | tail -n 3; \
+			$$flags $$start --val_every 10 --num_workers 0 --no_progress | tail -n 3; \
 		$(PY) test.py --datapath $(COMPARE)/data --resume $(COMPARE)/runs/$$m/best.pth \
 			--savepath $(COMPARE)/results/$$m --no_progress > /dev/null; \
 	done; \
