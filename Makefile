@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-compile -r requirements.txt
 	touch $@
 
 test: $(VENV)/.installed  ## fast test suite (what CI runs)
@@ -48,7 +48,7 @@ demo: $(VENV)/.installed  ## synthetic cohort -> preprocess -> train -> 15-subse
 # cases under the 15 subsets, then compare.py against IM-Fuse.
 COMPARE ?= compare_demo
 MODELS ?=
-compare: $(VENV)/.installed  ## all models small on the synthetic cohort -> compare.py (CPU, ~55 min)
+compare: $(VENV)/.installed  ## all models small on the synthetic cohort -> compare.py (CPU, ~60 min)
 	rm -rf $(COMPARE)
 	$(PY) -m data.synthetic --out $(COMPARE)/raw --cases 30 --seed 0 --size 64 64 48 --workers 2
 	$(PY) preprocess.py --input-path $(COMPARE)/raw --output-path $(COMPARE)/data --min-size 32 --workers 2
