@@ -203,7 +203,7 @@ class ShaSpec(nn.Module):
 
     # CPU demos (engine/small.py): a 32^3 window (4x cheaper than 64x64x32, so 2,000 iterations)
     # and the original's share of warm-up (245k of 406k iterations, 60 %). With 20 % of warm-up
-    # its whole tumour stayed at the core (full-modality WT 0.68 against TC 0.70; 0.82 now)
+    # its whole tumour stayed at the core (full-modality WT 0.68 against TC 0.70)
     small_config = dict(window=(32, 32, 32), width=8, blocks=(1, 1, 1, 1), features=32, decoder_width=8)
     # The light augmentation (rotation, intensity, flips), as MaM's small recipe, and the
     # original's lr 1e-2: at 2e-2 make compare's full-modality WT was 0.70 (nnU-Net's
